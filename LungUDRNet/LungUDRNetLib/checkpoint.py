@@ -1,0 +1,84 @@
+"""Saving and safely loading UDRNet checkpoints.
+
+A checkpoint is a ``torch.save`` dictionary of plain tensors and
+JSON-like values: the format version, the model and preprocessing configs,
+the weights and free-form metadata (training provenance). Loading always
+uses ``torch.load(weights_only=True)``, so a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+from .io import atomic_path
+from .model import UDRNet, UDRNetConfig
+from .preprocess import PreprocessConfig
+
+FORMAT_VERSION = 1
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "udrnet_lung_default.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, model: UDRNet, preprocess: PreprocessConfig,
+                    metadata: dict | None = None, extra: dict | None = None) -> Path:
+    """Atomically write ``model`` with its configs; ``extra`` adds trainer state (optimizer, RNG...)."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "preprocess_config": preprocess.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": metadata or {},
+        **(extra or {}),
+    }
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint dictionary safely, checking its format version."""
+    path = Path(path)
+    if path.is_dir() and (path / "best.pt").is_file():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise ModelError(f"model {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, unpickling refused, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"model {path}: not a loadable LungUDRNet checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "model_config" not in state:
+        raise ModelError(f"model {path}: not a LungUDRNet checkpoint (no model_config/state_dict)")
+    version = state.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise ModelError(f"model {path}: checkpoint format {version} is newer than this LungUDRNet "
+                         f"supports ({FORMAT_VERSION}); update LungUDRNet")
+    return state
+
+
+def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, PreprocessConfig, dict]:
+    """Build the network from a checkpoint (default: the bundled weights).
+
+    Returns ``(model in eval mode on CPU, preprocessing config, metadata)``.
+    """
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    state = read_checkpoint(path)
+    try:
+        model = UDRNet(UDRNetConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["state_dict"])
+        preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ModelError(f"model {path}: weights do not match its architecture config ({reason[:200]})") from None
+    metadata = dict(state.get("metadata", {}))
+    metadata.setdefault("path", str(path))
+    return model.eval(), preprocess, metadata
+
+
+def untrained_model(preprocess: PreprocessConfig | None = None) -> tuple[UDRNet, PreprocessConfig, dict]:
+    """A freshly initialised UDRNet (near-zero output), for phantoms and tests."""
+    torch.manual_seed(0)
+    return UDRNet().eval(), preprocess or PreprocessConfig(), {"path": None, "trained": False}

@@ -1,0 +1,102 @@
+"""The ``lungudrnet`` command line: ``register`` and ``demo`` (the trainer adds ``train``/``evaluate``).
+
+Exit status: 0 on success; on a problem the user can fix, one line naming the
+input and what is wrong, and the status of the error class (2 input/model/
+device, 3 output, 4 resources, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .errors import CancelledError, LungUDRNetError
+
+log = logging.getLogger("LungUDRNetLib")
+
+
+def add_register_parser(subparsers) -> None:
+    parser = subparsers.add_parser("register", help="register a moving CT onto a fixed CT")
+    parser.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA or DICOM folder)")
+    parser.add_argument("--moving", required=True, help="moving image, resampled onto the fixed grid")
+    parser.add_argument("--out", required=True, help="output folder for warped.nii.gz, displacement.nii.gz, "
+                                                     "metrics.json")
+    parser.add_argument("--model", help="checkpoint (.pt) or training run folder; default: bundled weights")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid)")
+    parser.add_argument("--moving-mask", help="lung mask of the moving image (for the Dice in metrics.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    parser.set_defaults(run=run_register)
+
+
+def run_register(args: argparse.Namespace) -> None:
+    from .io import read_image
+    from .outputs import check_output_dir, write_result
+    from .registration import register
+    from .report import registration_report
+
+    out_dir = check_output_dir(args.out, [args.fixed, args.moving, args.fixed_mask, args.moving_mask],
+                               args.overwrite)
+    fixed = read_image(args.fixed, "fixed image")
+    moving = read_image(args.moving, "moving image")
+    fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
+    moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
+    result = register(fixed, moving, model=args.model, device=args.device, fixed_mask=fixed_mask,
+                      moving_mask=moving_mask, progress=_print_progress)
+    report = registration_report(fixed, moving, result, fixed_mask, moving_mask)
+    write_result(result, report, out_dir)
+    _print_summary(report, out_dir)
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    log.info("[%3d%%] %s", round(100 * fraction), message)
+
+
+def _print_summary(report: dict, out_dir: Path) -> None:
+    before, after = report["before"], report["after"]
+    print(f"NCC {before['ncc_percent']:.2f}% -> {after['ncc_percent']:.2f}%, "
+          f"1-MSE {before['one_minus_mse_percent']:.2f}% -> {after['one_minus_mse_percent']:.2f}%"
+          + (f", lung Dice {before['dice_percent']:.1f}% -> {after['dice_percent']:.1f}%" if "dice_percent" in after else "")
+          + (f", TRE {before['tre_mm']['mean']:.2f} -> {after['tre_mm']['mean']:.2f} mm" if "tre_mm" in after else ""))
+    print(f"folded voxels {report['jacobian']['folding_percent']:.3f}%, "
+          f"runtime {report['runtime_s']['total']:.2f} s on {report['device']}")
+    print(f"results in {out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungudrnet", description=__doc__.splitlines()[0])
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="show warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_register_parser(subparsers)
+    from .demo import add_demo_parser
+    add_demo_parser(subparsers)
+    return parser
+
+
+def _raise_cancelled(signum, frame) -> None:
+    raise CancelledError(f"interrupted by signal {signal.Signals(signum).name}; no partial output was kept")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("lungudrnet: interrupted; no partial output was kept", file=sys.stderr)
+        return CancelledError.exit_code
+    except LungUDRNetError as error:
+        print(f"lungudrnet: error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

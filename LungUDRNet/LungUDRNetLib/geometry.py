@@ -1,0 +1,165 @@
+"""The one place where coordinates and displacement fields change convention.
+
+Conventions used throughout LungUDRNet:
+
+* Physical space is ITK's **LPS** (x = right-to-Left, y = anterior-to-Posterior,
+  z = inferior-to-Superior), in millimetres. 3D Slicer uses **RAS**; the two
+  differ by the sign of the first two axes.
+* A ``SimpleITK.Image`` maps a voxel index ``(i, j, k)`` to the LPS point
+  ``origin + direction @ (spacing * (i, j, k))``. Its numpy array is indexed
+  ``[k, j, i]`` (z, y, x); a torch tensor is ``[B, C, D, H, W]`` with
+  D = k, H = j, W = i.
+* A **displacement field** ``u`` is a resampling ("pull") field on the fixed
+  image's grid: the fixed point ``p`` corresponds to the moving point
+  ``p + u(p)``; ``warped(p) = moving(p + u(p))``. As a physical field it is a
+  3-component vector image in LPS millimetres, components ordered (x, y, z).
+  As a network ("voxel") field it is an array ``[3, D, H, W]`` in voxels of the
+  network grid, channel c displacing along array axis c (D, H, W).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def direction_matrix(image: sitk.Image) -> np.ndarray:
+    """The 3x3 direction cosine matrix of ``image`` (columns = index axes in LPS)."""
+    return np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+
+
+def index_to_lps_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 homogeneous matrix mapping a voxel index (i, j, k) to LPS mm."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction_matrix(image) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def index_to_ras_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix mapping a voxel index (i, j, k) to RAS mm (Slicer's IJKToRAS)."""
+    flip = np.eye(4)
+    flip[:3, :3] = LPS_TO_RAS
+    return flip @ index_to_lps_matrix(image)
+
+
+def geometry_from_index_to_ras(matrix: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """Split a Slicer IJKToRAS matrix into SimpleITK (origin, spacing, direction) in LPS."""
+    matrix = np.asarray(matrix, dtype=float)
+    linear = LPS_TO_RAS @ matrix[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = linear / spacing
+    origin = LPS_TO_RAS @ matrix[:3, 3]
+    return tuple(origin), tuple(spacing), tuple(direction.ravel())
+
+
+def lps_to_ras(points_or_vectors: np.ndarray) -> np.ndarray:
+    """Flip the first two components of points or vectors (..., 3): LPS <-> RAS.
+
+    The flip is its own inverse, so the same function converts RAS to LPS.
+    """
+    converted = np.array(points_or_vectors, dtype=float, copy=True)
+    converted[..., :2] *= -1.0
+    return converted
+
+
+ras_to_lps = lps_to_ras
+
+
+def voxel_flow_to_field(flow: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """Network voxel flow ``[3, D, H, W]`` on ``grid`` -> physical LPS field on ``grid``.
+
+    ``flow[c]`` is the displacement in voxels along array axis c (k, j, i).
+    The result is a VectorFloat64 image with ``grid``'s geometry whose
+    components are LPS millimetres.
+    """
+    flow = np.asarray(flow)
+    if flow.shape != (3, *grid.GetSize()[::-1]):
+        raise ValueError(f"flow shape {flow.shape} does not match grid size {grid.GetSize()[::-1]}")
+    index_vectors = np.stack([flow[2], flow[1], flow[0]], axis=-1).astype(np.float64)  # (i, j, k)
+    linear = direction_matrix(grid) @ np.diag(grid.GetSpacing())
+    field = sitk.GetImageFromArray(index_vectors @ linear.T, isVector=True)
+    field.CopyInformation(grid)
+    return field
+
+
+def field_to_voxel_flow(field: sitk.Image) -> np.ndarray:
+    """Inverse of :func:`voxel_flow_to_field`: LPS mm field -> ``[3, D, H, W]`` voxels (float32)."""
+    linear = direction_matrix(field) @ np.diag(field.GetSpacing())
+    index_vectors = sitk.GetArrayViewFromImage(field) @ np.linalg.inv(linear).T
+    return np.stack([index_vectors[..., 2], index_vectors[..., 1], index_vectors[..., 0]]).astype(np.float32)
+
+
+def resample_field(field: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Linearly resample a physical (LPS mm) field onto ``reference``'s grid.
+
+    Points outside the field's grid take the nearest edge vector, so a field
+    computed on a cropped region continues smoothly rather than dropping to 0.
+    """
+    return sitk.Resample(
+        sitk.Cast(field, sitk.sitkVectorFloat64), reference, sitk.Transform(), sitk.sitkLinear,
+        0.0, sitk.sitkVectorFloat64, True,
+    )
+
+
+def field_to_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """A ``DisplacementFieldTransform`` over a private copy of ``field`` (which stays intact)."""
+    copy = sitk.GetImageFromArray(sitk.GetArrayFromImage(field).astype(np.float64), isVector=True)
+    copy.CopyInformation(field)
+    return sitk.DisplacementFieldTransform(copy)
+
+
+def warp_image(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.sitkLinear,
+               default_value: float | None = None) -> sitk.Image:
+    """Resample ``moving`` at ``p + u(p)`` for every point p of ``field``'s grid.
+
+    ``default_value`` fills points that fall outside ``moving``; by default the
+    minimum of ``moving`` (air for CT, background for masks).
+    """
+    if default_value is None:
+        default_value = float(np.min(sitk.GetArrayViewFromImage(moving)))
+    return sitk.Resample(moving, field, field_to_transform(field), interpolator, default_value,
+                         moving.GetPixelID())
+
+
+def transform_points(points_lps: np.ndarray, field: sitk.Image) -> np.ndarray:
+    """Map fixed points p (N, 3, LPS mm) to their moving correspondences p + u(p)."""
+    transform = field_to_transform(field)
+    return np.array([transform.TransformPoint(tuple(map(float, p))) for p in np.atleast_2d(points_lps)])
+
+
+def index_to_points(indices: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """Continuous voxel indices (N, 3) in (i, j, k) order -> LPS mm points (N, 3)."""
+    matrix = index_to_lps_matrix(image)
+    return np.atleast_2d(indices) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def points_to_index(points_lps: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """LPS mm points (N, 3) -> continuous voxel indices (N, 3) in (i, j, k) order."""
+    matrix = index_to_lps_matrix(image)
+    return (np.atleast_2d(points_lps) - matrix[:3, 3]) @ np.linalg.inv(matrix[:3, :3]).T
+
+
+def field_in_ras(field: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A physical field as Slicer's oriented grid transform wants it.
+
+    Returns ``(vectors, origin, spacing, direction)``: the displacement array
+    (z, y, x, 3) in RAS mm and the grid's RAS origin (3,), spacing (3,) and
+    3x3 direction matrix (columns = i, j, k axes in RAS).
+    """
+    vectors = lps_to_ras(sitk.GetArrayViewFromImage(field))
+    origin = LPS_TO_RAS @ np.asarray(field.GetOrigin())
+    direction = LPS_TO_RAS @ direction_matrix(field)
+    return vectors, origin, np.asarray(field.GetSpacing()), direction
+
+
+def field_from_ras(vectors: np.ndarray, origin: np.ndarray, spacing: np.ndarray,
+                   direction: np.ndarray) -> sitk.Image:
+    """Inverse of :func:`field_in_ras`: RAS grid + RAS vectors -> LPS VectorFloat64 field."""
+    field = sitk.GetImageFromArray(lps_to_ras(vectors), isVector=True)
+    field.SetOrigin(tuple(LPS_TO_RAS @ np.asarray(origin, dtype=float)))
+    field.SetSpacing(tuple(float(s) for s in spacing))
+    field.SetDirection(tuple((LPS_TO_RAS @ np.asarray(direction, dtype=float)).ravel()))
+    return field

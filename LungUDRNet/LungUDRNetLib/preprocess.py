@@ -1,0 +1,147 @@
+"""The paper's preprocessing (section 4.1) and the network grid.
+
+Both images of a pair are resampled, in physical space, onto one *network
+grid* that covers the fixed image (or the bounding box of its lung mask);
+then each is windowed to [0, 255] (Eq. 1) and min-max normalised to [0, 1]
+(Eq. 2). The grid is the inverse map too: a voxel flow predicted on it is
+turned into a physical field on the fixed image's own grid by
+:func:`flow_to_fixed_field`.
+
+Grid modes:
+
+* ``"fit"`` — the grid spans the fixed image's full extent with the given
+  shape (spacing scaled to fit): any input size, spacing or direction works.
+* ``"crop"`` — the grid keeps the fixed image's spacing and takes the centred
+  block of the given shape: an exact crop (or pad), as the paper crops
+  192x192x208 Learn2Reg volumes to 192^3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import logging
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import direction_matrix, resample_field, voxel_flow_to_field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images reach the network. ``grid_shape`` is (D, H, W) = (z, y, x) voxels."""
+
+    grid_shape: tuple[int, int, int] = (96, 96, 96)
+    grid_mode: str = "fit"
+    window_level: float = -600.0
+    window_width: float = 1500.0
+    roi_margin_mm: float = 10.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        data = dict(data)
+        data["grid_shape"] = tuple(int(v) for v in data["grid_shape"])
+        return cls(**data)
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Eq. 1: clip HU to [level - width/2, level + width/2] and map linearly to [0, 255]."""
+    low = level - width / 2.0
+    return np.clip((np.asarray(hu, dtype=np.float32) - low) * (255.0 / width), 0.0, 255.0)
+
+
+def min_max(values: np.ndarray) -> np.ndarray:
+    """Eq. 2: map to [0, 1] by the array's own minimum and maximum (a constant array gives 0)."""
+    values = np.asarray(values, dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def normalise_ct(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Window then min-max normalise a HU array; NaN voxels count as air (-1000 HU)."""
+    hu = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=-1000.0, posinf=3071.0, neginf=-1024.0)
+    return min_max(window(hu, config.window_level, config.window_width))
+
+
+def replace_non_finite(image: sitk.Image, what: str) -> sitk.Image:
+    """Return ``image`` with NaN/Inf voxels set to its finite minimum (a warning says how many)."""
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(values.dtype, np.floating):
+        return image
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return image
+    finite = values[~bad]
+    log.warning("%s: %d NaN/Inf voxels replaced by the image minimum", what, int(bad.sum()))
+    cleaned = np.where(bad, finite.min() if finite.size else -1000.0, values).astype(values.dtype)
+    result = sitk.GetImageFromArray(cleaned)
+    result.CopyInformation(image)
+    return result
+
+
+def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index-space box (start, size) of ``mask`` on ``reference``'s grid, widened by ``margin_mm``."""
+    on_reference = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    nonzero = np.argwhere(sitk.GetArrayViewFromImage(on_reference) > 0)[:, ::-1]  # (i, j, k)
+    margin = np.ceil(margin_mm / np.asarray(reference.GetSpacing())).astype(int)
+    start = np.maximum(nonzero.min(axis=0) - margin, 0)
+    stop = np.minimum(nonzero.max(axis=0) + margin + 1, reference.GetSize())
+    return start, stop - start
+
+
+def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Image | None = None) -> sitk.Image:
+    """An empty float32 image whose geometry is the network grid for ``fixed``.
+
+    ``roi_mask`` (optional, e.g. the fixed lung mask) restricts a ``"fit"``
+    grid to the mask's bounding box plus ``config.roi_margin_mm``.
+    """
+    shape_xyz = np.asarray(config.grid_shape[::-1])
+    spacing = np.asarray(fixed.GetSpacing())
+    start, size = np.zeros(3, dtype=int), np.asarray(fixed.GetSize())
+    if roi_mask is not None and config.grid_mode == "fit":
+        start, size = _bounding_box(roi_mask, fixed, config.roi_margin_mm)
+    if config.grid_mode == "fit":
+        new_spacing = size * spacing / shape_xyz
+        first_center = start - 0.5 + 0.5 * new_spacing / spacing  # continuous index of the grid's voxel 0
+    elif config.grid_mode == "crop":
+        new_spacing = spacing
+        first_center = (np.asarray(fixed.GetSize()) - shape_xyz) // 2
+    else:
+        raise ValueError(f"unknown grid mode {config.grid_mode!r} (use 'fit' or 'crop')")
+    origin = np.asarray(fixed.GetOrigin()) + direction_matrix(fixed) @ (spacing * first_center)
+    grid = sitk.Image([int(v) for v in shape_xyz], sitk.sitkFloat32)
+    grid.SetSpacing(tuple(float(v) for v in new_spacing))
+    grid.SetOrigin(tuple(float(v) for v in origin))
+    grid.SetDirection(fixed.GetDirection())
+    return grid
+
+
+def to_grid(image: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear) -> np.ndarray:
+    """Resample ``image`` onto ``grid`` in physical space; returns a (D, H, W) float32 array.
+
+    Outside ``image`` the value is its minimum (air for CT, 0 for masks).
+    """
+    outside = float(np.nanmin(sitk.GetArrayViewFromImage(image)))
+    resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), interpolator,
+                              outside if np.isfinite(outside) else -1000.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def prepare_pair(fixed: sitk.Image, moving: sitk.Image, config: PreprocessConfig,
+                 roi_mask: sitk.Image | None = None) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """Network grid plus the fixed and moving images on it, normalised to [0, 1] (D, H, W)."""
+    grid = network_grid(fixed, config, roi_mask)
+    return grid, normalise_ct(to_grid(fixed, grid), config), normalise_ct(to_grid(moving, grid), config)
+
+
+def flow_to_fixed_field(flow: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """Inverse of the grid mapping: voxel flow [3, D, H, W] on ``grid`` -> LPS mm field on ``fixed``'s grid."""
+    return resample_field(voxel_flow_to_field(flow, grid), fixed)
