@@ -13,7 +13,7 @@ RESULT_FILES = ("warped.nii.gz", "displacement.nii.gz", "metrics.json")
 
 
 def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
-    """Create ``out_dir`` if needed; refuse existing results (unless ``overwrite``) and any input path."""
+    """Refuse results that exist (unless ``overwrite``) or that would replace an input; creates nothing."""
     out_dir = Path(out_dir)
     targets = [(out_dir / name).resolve() for name in RESULT_FILES]
     for source in inputs:
@@ -23,15 +23,17 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
         for target in targets:
             if target.exists():
                 raise OutputError(f"output {target}: already exists (use --overwrite to replace it)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output folder {out_dir}: is a file")
     return out_dir
 
 
 def write_result(result: RegistrationResult, report: dict, out_dir: Path) -> dict[str, Path]:
     """Write warped image, displacement field and metrics; on failure none of them is left behind."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
     paths = {name: out_dir / name for name in RESULT_FILES}
     with contextlib.ExitStack() as stack:
         staged = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}

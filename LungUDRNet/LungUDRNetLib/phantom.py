@@ -55,7 +55,7 @@ def lung_mask_phantom(image: sitk.Image) -> sitk.Image:
     """Air-like voxels (HU < -500) inside the phantom's body: its 'lung mask' (uint8)."""
     values = sitk.GetArrayViewFromImage(image)
     c = normalised_coordinates(image)
-    inside = (c[..., 0] / 0.85) ** 2 + (c[..., 1] / 0.7) ** 2 <= 1.0
+    inside = ((c[..., 0] / 0.85) ** 2 + (c[..., 1] / 0.7) ** 2 <= 1.0) & (np.abs(c[..., 2]) < 0.9)
     mask = sitk.GetImageFromArray(((values < -500) & inside).astype(np.uint8))
     mask.CopyInformation(image)
     return mask

@@ -1,0 +1,85 @@
+"""Reading, checking and atomically writing files."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LungUDRNetLib import io
+from LungUDRNetLib.errors import InputError, OutputError
+from LungUDRNetLib.phantom import analytic_field, chest_phantom
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_image_round_trip_keeps_geometry(oblique_grid, tmp_path, suffix):
+    image = chest_phantom(oblique_grid)
+    path = io.write_image(image, tmp_path / f"ct{suffix}")
+    back = io.read_image(path)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image), atol=1e-4)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == [f"ct{suffix}"]  # no temporary file left
+
+
+def test_nifti_field_has_displacement_intent_and_ras_vectors(oblique_grid, tmp_path):
+    field = analytic_field(oblique_grid)
+    path = io.write_displacement_field(field, tmp_path / "u.nii.gz")
+    header = nib.load(str(path)).header
+    assert int(header["intent_code"]) == io.NIFTI_INTENT_DISPVECT
+    stored = np.asarray(nib.load(str(path)).dataobj)[:, :, :, 0, :]  # x, y, z, vector
+    lps = sitk.GetArrayViewFromImage(field).transpose(2, 1, 0, 3)
+    np.testing.assert_allclose(stored, lps * [-1, -1, 1], atol=1e-5)
+    back = io.read_displacement_field(path)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(field), atol=1e-5)
+
+
+def test_read_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="fixed image .*missing.nii.gz: file not found"):
+        io.read_image(tmp_path / "missing.nii.gz", "fixed image")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(InputError, match="corrupt.nii.gz: cannot be read as an image"):
+        io.read_image(corrupt)
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(flat))
+    with pytest.raises(InputError, match="is 2D, a 3D image is needed"):
+        io.read_image(flat)
+    with pytest.raises(InputError, match="holds no DICOM series"):
+        io.read_image(tmp_path)
+
+
+def test_a_displacement_field_is_not_accepted_as_an_image(oblique_grid, tmp_path):
+    path = io.write_displacement_field(analytic_field(oblique_grid), tmp_path / "u.nii.gz")
+    with pytest.raises(InputError, match="3 components per voxel"):
+        io.read_image(path, "moving image")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    io.write_json({"a": 1}, target)
+    with pytest.raises(OutputError, match="already exists"):
+        io.write_json({"a": 2}, target, overwrite=False)
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
+def test_read_points_formats(tmp_path):
+    csv = tmp_path / "points.csv"
+    csv.write_text("1.5,2,3\n4,5,6.25\n")
+    np.testing.assert_allclose(io.read_points(csv), [[1.5, 2, 3], [4, 5, 6.25]])
+    elastix = tmp_path / "points.txt"
+    elastix.write_text("point\n2\n1 2 3\n-4 5.5 6\n")
+    np.testing.assert_allclose(io.read_points(elastix), [[1, 2, 3], [-4, 5.5, 6]])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n")
+    with pytest.raises(InputError, match="rows of three numbers"):
+        io.read_points(bad)

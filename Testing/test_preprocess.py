@@ -1,0 +1,67 @@
+"""The paper's windowing, normalisation and crop, and the network grid mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LungUDRNetLib.phantom import chest_phantom, lung_mask_phantom, make_grid
+from LungUDRNetLib.preprocess import (PreprocessConfig, min_max, network_grid, normalise_ct, prepare_pair,
+                                      replace_non_finite, to_grid, window)
+
+
+def test_window_equation_one():
+    values = window(np.array([-2000.0, -1350.0, -600.0, 150.0, 900.0]), level=-600.0, width=1500.0)
+    np.testing.assert_allclose(values, [0.0, 0.0, 127.5, 255.0, 255.0])
+
+
+def test_min_max_equation_two():
+    np.testing.assert_allclose(min_max(np.array([2.0, 4.0, 6.0])), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(min_max(np.full(4, 7.0)), np.zeros(4))
+
+
+def test_normalise_treats_nan_as_air():
+    values = normalise_ct(np.array([np.nan, -1000.0, 100.0]), PreprocessConfig())
+    assert np.all(np.isfinite(values))
+    assert values[0] == values[1] == 0.0 and values[2] == 1.0
+
+
+def test_crop_mode_is_the_papers_exact_crop_of_208_to_192():
+    fixed = make_grid((24, 24, 26), (1.75, 1.25, 1.75), (10.0, -5.0, 3.0), np.diag([-1.0, 1.0, 1.0]))
+    array = np.random.default_rng(0).normal(size=(26, 24, 24)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(fixed)
+    grid = network_grid(image, PreprocessConfig(grid_shape=(24, 24, 24), grid_mode="crop"))
+    np.testing.assert_allclose(to_grid(image, grid), array[1:25], atol=1e-5)
+    assert grid.GetSpacing() == image.GetSpacing()
+
+
+def test_fit_grid_with_roi_covers_the_mask_only():
+    fixed = chest_phantom(make_grid((48, 40, 36), (2.0, 2.5, 3.0), (-40.0, 7.0, 2.0)))
+    mask = lung_mask_phantom(fixed)
+    config = PreprocessConfig(grid_shape=(16, 16, 16), roi_margin_mm=0.0)
+    full, roi = network_grid(fixed, config), network_grid(fixed, config, roi_mask=mask)
+    assert all(r < f for r, f in zip(roi.GetSpacing(), full.GetSpacing()))
+    assert to_grid(mask, roi, sitk.sitkNearestNeighbor).mean() > to_grid(mask, full, sitk.sitkNearestNeighbor).mean()
+
+
+def test_prepare_pair_handles_different_geometries():
+    fixed = chest_phantom(make_grid((40, 36, 30), (1.5, 2.0, 2.5), (-30.0, -36.0, -37.0)))
+    moving = chest_phantom(make_grid((30, 30, 20), (2.0, 2.4, 3.75), (-30.0, -36.0, -37.0)))
+    grid, fixed01, moving01 = prepare_pair(fixed, moving, PreprocessConfig(grid_shape=(16, 18, 20)))
+    assert fixed01.shape == moving01.shape == (16, 18, 20)
+    assert 0.0 <= fixed01.min() and fixed01.max() <= 1.0 and moving01.max() == pytest.approx(1.0)
+    assert np.corrcoef(fixed01.ravel(), moving01.ravel())[0, 1] > 0.8
+
+
+def test_replace_non_finite_keeps_geometry_and_warns(caplog):
+    image = chest_phantom(make_grid((10, 10, 10), (1.0, 1.0, 2.0), (5.0, 5.0, 5.0)))
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    cleaned = replace_non_finite(broken, "moving image")
+    assert np.all(np.isfinite(sitk.GetArrayViewFromImage(cleaned)))
+    assert cleaned.GetOrigin() == image.GetOrigin()
+    assert "3 NaN/Inf voxels" in caplog.text

@@ -1,0 +1,127 @@
+"""`register()` and `lungudrnet register` end to end on generated phantom pairs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LungUDRNetLib import register
+from LungUDRNetLib.checkpoint import save_checkpoint, untrained_model
+from LungUDRNetLib.cli import main
+from LungUDRNetLib.geometry import warp_image
+from LungUDRNetLib.io import write_image
+from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
+from LungUDRNetLib.preprocess import PreprocessConfig
+
+from conftest import oblique_direction
+
+
+@pytest.fixture
+def phantom_files(tmp_path):
+    """A fixed/moving phantom pair on different oblique grids, a lung mask, and a tiny checkpoint."""
+    moving = chest_phantom(make_grid((40, 36, 30), (1.8, 2.0, 2.6), (-36.0, -36.0, -39.0)), seed=1)
+    fixed_grid = make_grid((36, 34, 28), (2.0, 2.2, 2.8), (-35.0, -38.0, -40.0), oblique_direction(10.0))
+    fixed = warp_image(moving, analytic_field(fixed_grid, translation_mm=(0.0, 0.0, 3.0), amplitude_mm=2.0))
+    model, _, _ = untrained_model()
+    paths = {
+        "fixed": write_image(fixed, tmp_path / "fixed.nrrd"),
+        "moving": write_image(moving, tmp_path / "moving.mha"),
+        "fixed_mask": write_image(lung_mask_phantom(fixed), tmp_path / "fixed_mask.nii.gz"),
+        "model": save_checkpoint(tmp_path / "model.pt", model, PreprocessConfig(grid_shape=(32, 32, 32))),
+    }
+    return paths
+
+
+def test_register_returns_fields_on_the_fixed_grid(phantom_files):
+    result = register(phantom_files["fixed"], phantom_files["moving"], model=phantom_files["model"], device="cpu")
+    fixed = sitk.ReadImage(str(phantom_files["fixed"]))
+    for image in (result.warped, result.displacement):
+        assert image.GetSize() == fixed.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), fixed.GetDirection(), atol=1e-6)
+    assert result.displacement.GetNumberOfComponentsPerPixel() == 3
+    # An untrained network predicts (almost) no motion: the warped image is the moving one on the fixed grid.
+    assert np.abs(sitk.GetArrayViewFromImage(result.displacement)).max() < 0.01
+    identity = sitk.Resample(sitk.ReadImage(str(phantom_files["moving"])), fixed, sitk.Transform(), sitk.sitkLinear,
+                             -1000.0, sitk.sitkFloat32)
+    inside = sitk.GetArrayViewFromImage(identity) > -999
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(result.warped)[inside],
+                               sitk.GetArrayViewFromImage(identity)[inside], atol=2.0)
+    assert result.device == "cpu" and result.timings["total"] > 0
+
+
+def test_cli_register_writes_the_three_results(phantom_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main(["register", "--fixed", str(phantom_files["fixed"]), "--moving", str(phantom_files["moving"]),
+                   "--out", str(out), "--model", str(phantom_files["model"]), "--device", "cpu",
+                   "--fixed-mask", str(phantom_files["fixed_mask"]), "--moving-mask", str(phantom_files["fixed_mask"])])
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "metrics.json", "warped.nii.gz"]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["device"] == "cpu"
+    assert 0 < report["before"]["ncc_percent"] <= 100 and "dice_percent" in report["after"]
+    assert report["jacobian"]["folding_percent"] == 0.0
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    assert sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)) is not None
+    assert "results in" in capsys.readouterr().out
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("missing", "fixed image .*nope.nii.gz: file not found"),
+    ("corrupt", "fixed image .*corrupt.nii.gz: cannot be read as an image"),
+    ("2d", "fixed image .*flat.nrrd: is 2D"),
+    ("model", "model .*absent.pt: file not found"),
+])
+def test_cli_bad_input_gives_one_clear_line_and_writes_nothing(phantom_files, tmp_path, capsys, problem, expected):
+    fixed = phantom_files["fixed"]
+    model = phantom_files["model"]
+    if problem == "missing":
+        fixed = tmp_path / "nope.nii.gz"
+    elif problem == "corrupt":
+        fixed = tmp_path / "corrupt.nii.gz"
+        fixed.write_bytes(b"garbage")
+    elif problem == "2d":
+        fixed = tmp_path / "flat.nrrd"
+        sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(fixed))
+    else:
+        model = tmp_path / "absent.pt"
+    before = _snapshot(tmp_path)
+    status = main(["register", "--fixed", str(fixed), "--moving", str(phantom_files["moving"]),
+                   "--out", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"])
+    error = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(error.splitlines()) == 1 and error.startswith("lungudrnet: error:")
+    assert re.search(expected, error), error
+    assert _snapshot(tmp_path) == before  # no output folder, inputs unchanged
+
+
+def test_cli_refuses_existing_results_without_overwrite(phantom_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "warped.nii.gz").write_bytes(b"keep me")
+    args = ["register", "--fixed", str(phantom_files["fixed"]), "--moving", str(phantom_files["moving"]),
+            "--out", str(out), "--model", str(phantom_files["model"]), "--device", "cpu"]
+    assert main(args) == 3
+    assert "already exists (use --overwrite" in capsys.readouterr().err
+    assert (out / "warped.nii.gz").read_bytes() == b"keep me"
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "warped.nii.gz").read_bytes() != b"keep me"
+
+
+def test_console_script_exit_status(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "LungUDRNetLib.cli", "register", "--fixed", "a.nii",
+                                "--moving", "b.nii", "--out", str(tmp_path / "o")],
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "fixed image a.nii: file not found" in completed.stderr
