@@ -125,5 +125,5 @@ def test_warp_image_by_translation_field_shifts_by_whole_voxels():
     array[..., 0] = 4.0  # +2 voxels along x, in mm
     shift = sitk.GetImageFromArray(array, isVector=True)
     shift.CopyInformation(grid)
-    warped = sitk.GetArrayViewFromImage(geometry.warp_image(moving, shift))
+    warped = sitk.GetArrayFromImage(geometry.warp_image(moving, shift))
     np.testing.assert_allclose(warped[:, :, :-2], sitk.GetArrayViewFromImage(moving)[:, :, 2:], atol=1e-3)

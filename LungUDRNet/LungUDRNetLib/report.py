@@ -33,7 +33,7 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     """
     preprocess = result.preprocess
     fixed_values = normalise_ct(sitk.GetArrayViewFromImage(fixed), preprocess)
-    before = normalise_ct(sitk.GetArrayViewFromImage(_on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
+    before = normalise_ct(sitk.GetArrayFromImage(_on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
     after = normalise_ct(sitk.GetArrayViewFromImage(result.warped), preprocess)
     report = {
         "device": result.device,
