@@ -1,0 +1,159 @@
+"""The benchmark pairs, written once to a cache folder that every method's child process reads.
+
+A pair folder holds ``fixed.mha``, ``moving.mha``, optional ``fixed_mask.mha``
+and ``moving_mask.mha``, and ``points.npz`` with corresponding ``fixed`` and
+``moving`` points (N, 3) in LPS mm (fixed point i corresponds to moving point i).
+
+Sources: breathing pairs from real chest CTs (the project's sample CTs, or
+the elastix test CT) resampled to the Learn2Reg LungCT grid, and any
+Learn2Reg-layout folder (real images with keypoints or landmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..geometry import index_to_points
+from ..io import read_image, read_points, write_image
+from ..phantom import chest_phantom, make_grid
+
+log = logging.getLogger(__name__)
+
+# (source CT, seed, amplitude mm): 2 real volumes x several seeds and motion amplitudes.
+SYNTHETIC_PLAN = [("lung1", 0, 8.0), ("lung2", 1, 12.0), ("lung1", 2, 16.0),
+                  ("lung2", 3, 8.0), ("lung1", 4, 12.0), ("lung2", 5, 16.0)]
+ELASTIX_CT = Path("3DCT_lung_baseline_small.mha")
+
+
+@dataclass
+class BenchPair:
+    """One benchmark pair as read back from its cache folder (images in HU, points LPS mm)."""
+
+    name: str
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+    fixed_points: np.ndarray | None
+    moving_points: np.ndarray | None
+
+
+def write_pair(folder: Path, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
+               moving_mask: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
+               moving_points: np.ndarray | None = None) -> Path:
+    """Store one pair in ``folder`` (created); points are (N, 3) LPS mm."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask), ("moving", moving)):
+        if image is not None:
+            write_image(image, folder / f"{name}.mha")
+    if fixed_points is not None and moving_points is not None:
+        np.savez(folder / "points.npz", fixed=fixed_points, moving=moving_points)
+    write_image(fixed, folder / "fixed.mha")  # written last: its presence marks a complete pair
+    return folder
+
+
+def read_pair(folder: Path) -> BenchPair:
+    """Read a pair written by :func:`write_pair`."""
+    def optional(name: str) -> sitk.Image | None:
+        path = folder / f"{name}.mha"
+        return read_image(path, name) if path.is_file() else None
+
+    points = np.load(folder / "points.npz") if (folder / "points.npz").is_file() else None
+    return BenchPair(folder.name, read_image(folder / "fixed.mha", "fixed"), read_image(folder / "moving.mha", "moving"),
+                     optional("fixed_mask"), optional("moving_mask"),
+                     None if points is None else points["fixed"], None if points is None else points["moving"])
+
+
+def _source_ct(name: str) -> tuple[sitk.Image, str]:
+    """A real chest CT by name (project sample data), or a phantom when it cannot be had."""
+    try:
+        from ..sample_data import load_sample_ct
+        return load_sample_ct(name), name
+    except Exception as error:  # not installed yet, offline, ...
+        log.warning("sample CT %s unavailable (%s); using a chest phantom instead", name, error)
+        seed = int(name[-1]) if name[-1].isdigit() else 0
+        return chest_phantom(make_grid((160, 128, 120), (2.0, 2.0, 2.5)), seed=seed), f"phantom{seed}"
+
+
+def synthetic_pairs(cache: Path, count: int, learn2reg_grid: bool = True) -> list[Path]:
+    """The first ``count`` pairs of :data:`SYNTHETIC_PLAN`, generated once into ``cache``."""
+    from ..synth import learn2reg_like_grid, make_breathing_pair
+
+    folders, sources = [], {}
+    for source, seed, amplitude in SYNTHETIC_PLAN[:count]:
+        if source not in sources:
+            sources[source] = _source_ct(source)
+        ct, label = sources[source]
+        folder = cache / f"{label}_s{seed}_a{amplitude:g}{'' if learn2reg_grid else '_native'}"
+        if not (folder / "fixed.mha").is_file():
+            reference = learn2reg_like_grid(ct) if learn2reg_grid else None
+            pair = make_breathing_pair(ct, seed=seed, amplitude_mm=amplitude, reference=reference)
+            write_pair(folder, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
+                       pair.fixed_points, pair.moving_points)
+        folders.append(folder)
+    return folders
+
+
+def elastix_ct_pair(cache: Path, folder: Path, amplitude_mm: float = 12.0) -> list[Path]:
+    """A breathing pair from the elastix test chest CT on the Learn2Reg grid, when ``folder`` has it."""
+    from ..synth import learn2reg_like_grid, make_breathing_pair
+
+    if not (folder / ELASTIX_CT).is_file():
+        return []
+    out = cache / f"elastix_lung_a{amplitude_mm:g}"
+    if not (out / "fixed.mha").is_file():
+        ct = read_image(folder / ELASTIX_CT, "elastix lung CT")
+        pair = make_breathing_pair(ct, seed=7, amplitude_mm=amplitude_mm, reference=learn2reg_like_grid(ct))
+        write_pair(out, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
+                   pair.fixed_points, pair.moving_points)
+    return [out]
+
+
+def _voxel_points(path: Path, image: sitk.Image) -> np.ndarray:
+    """Learn2Reg keypoint/landmark CSV (voxel x, y, z) -> LPS mm."""
+    return index_to_points(read_points(path), image)
+
+
+def learn2reg_pairs(cache: Path, root: Path) -> list[Path]:
+    """Pairs ``*_0000`` (fixed) / ``*_0001`` (moving) of a Learn2Reg-layout folder, with masks and
+    real correspondences (``landmarksTr/`` preferred, else ``keypointsTr/``)."""
+    folders = []
+    for fixed_path in sorted((root / "imagesTr").glob("*_0000.nii.gz")):
+        moving_path = fixed_path.with_name(fixed_path.name.replace("_0000", "_0001"))
+        if not moving_path.is_file():
+            continue
+        out = cache / f"l2r_{fixed_path.name.split('_0000')[0]}"
+        if not (out / "fixed.mha").is_file():
+            fixed, moving = read_image(fixed_path, "fixed"), read_image(moving_path, "moving")
+            masks = [root / "masksTr" / p.name for p in (fixed_path, moving_path)]
+            masks = [read_image(p, "mask") if p.is_file() else None for p in masks]
+            points = [None, None]
+            for kind in ("landmarksTr", "keypointsTr"):
+                csvs = [root / kind / p.name.replace(".nii.gz", ".csv") for p in (fixed_path, moving_path)]
+                if all(p.is_file() for p in csvs):
+                    points = [_voxel_points(csvs[0], fixed), _voxel_points(csvs[1], moving)]
+                    break
+            write_pair(out, fixed, moving, masks[0], masks[1], points[0], points[1])
+        folders.append(out)
+    return folders
+
+
+def tiny_pairs(cache: Path, count: int = 2) -> list[Path]:
+    """Small phantom breathing pairs (about 48 x 40 x 36 voxels) for smoke tests."""
+    from ..synth import make_breathing_pair
+
+    folders = []
+    for seed in range(count):
+        folder = cache / f"tiny{seed}"
+        if not (folder / "fixed.mha").is_file():
+            ct = chest_phantom(make_grid((48, 40, 36), (4.0, 4.0, 5.0), (-96.0, -80.0, -90.0)), seed=seed)
+            pair = make_breathing_pair(ct, seed=seed, amplitude_mm=8.0, n_landmarks=20, noise_hu=5.0)
+            write_pair(folder, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
+                       pair.fixed_points, pair.moving_points)
+        folders.append(folder)
+    return folders

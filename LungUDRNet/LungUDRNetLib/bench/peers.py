@@ -1,0 +1,248 @@
+"""One function per registration method, each returning a displacement field in our convention.
+
+Every method takes ``(fixed, moving, options)`` (HU images; the moving image
+may be on another grid) and returns the pull field u on the fixed grid in LPS
+mm: the fixed point p corresponds to the moving point p + u(p). Optional
+packages (itk-elastix, antspyx, voxelmorph) are imported inside their method
+so that the others run without them. Thread counts are set by the runner
+(environment and :func:`set_threads`) before a method runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..checkpoint import DEFAULT_WEIGHTS, load_model, untrained_model
+from ..geometry import voxel_flow_to_field
+from ..io import read_displacement_field
+from ..preprocess import flow_to_fixed_field, normalise_ct, prepare_pair
+from ..refine import refine
+from ..registration import predict_flow, register
+
+Field = sitk.Image
+
+
+@dataclass(frozen=True)
+class Options:
+    """Settings shared by the methods; weights are checkpoint paths (None: bundled or untrained)."""
+
+    weights: str | None = None
+    baseline_weights: str | None = None
+    voxelmorph_weights: str | None = None
+    refine_steps: int = 30
+    elastix_iterations: int = 500
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch and SimpleITK/ITK (elastix and ANTs read the environment)."""
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _field_like(vectors_zyx3: np.ndarray, reference: sitk.Image) -> Field:
+    field = sitk.GetImageFromArray(np.asarray(vectors_zyx3, dtype=np.float64), isVector=True)
+    field.CopyInformation(reference)
+    return field
+
+
+def _on_fixed_grid(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """``moving`` resampled (identity transform) onto ``fixed``'s grid, for grid-bound methods."""
+    return sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+
+
+def _transform_to_field(transform: sitk.Transform, fixed: sitk.Image) -> Field:
+    """A SimpleITK transform (fixed -> moving points) sampled as a pull field on ``fixed``'s grid."""
+    return sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(),
+                                             fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def identity(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """No registration: u = 0 (the floor)."""
+    return _field_like(np.zeros((*fixed.GetSize()[::-1], 3)), fixed)
+
+
+def _udrnet_model(path: str | None, attention: bool = True):
+    """The network from ``path``, else the bundled weights, else an untrained one (TRE then meaningless)."""
+    if path is None and not DEFAULT_WEIGHTS.is_file():
+        model, preprocess, info = untrained_model()
+        return (model if attention else type(model)(attention=False).eval()), preprocess, info
+    return load_model(path)
+
+
+def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """The product pipeline: :func:`LungUDRNetLib.register` (preprocess, network, field to fixed grid)."""
+    model, preprocess, _ = _udrnet_model(options.weights)
+    return register(fixed, moving, model=model, device="cpu", preprocess=preprocess).displacement
+
+
+def udrnet_refined(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """UDRNet's prediction refined on this pair by :func:`LungUDRNetLib.refine.refine` on the network grid."""
+    model, preprocess, _ = _udrnet_model(options.weights)
+    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
+    flow = torch.from_numpy(predict_flow(model, fixed01, moving01, torch.device("cpu")))[None]
+    as_tensor = lambda array: torch.from_numpy(array)[None, None]  # noqa: E731
+    flow = refine(flow, as_tensor(fixed01), as_tensor(moving01), steps=options.refine_steps)
+    return flow_to_fixed_field(flow[0].numpy(), grid, fixed)
+
+
+def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """Our own VoxelMorph baseline: ``UDRNet(attention=False)`` through the same pipeline."""
+    model, preprocess, _ = _udrnet_model(options.baseline_weights, attention=False)
+    if model.config.attention:
+        raise ValueError("--baseline-weights must hold a UDRNet trained with attention=False")
+    return register(fixed, moving, model=model, device="cpu", preprocess=preprocess).displacement
+
+
+def voxelmorph_package(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """VoxelMorph from the ``voxelmorph`` package (PyTorch), on our network grid and normalisation.
+
+    Weights: a ``state_dict`` file given as ``voxelmorph_weights``; without one the
+    network is freshly initialised (runtime and memory are valid, accuracy is not).
+    """
+    import voxelmorph as vxm
+
+    _, preprocess, _ = _udrnet_model(options.weights)
+    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
+    network = vxm.nn.models.VxmPairwise(ndim=3, source_channels=1, target_channels=1, integration_steps=0)
+    if options.voxelmorph_weights:
+        network.load_state_dict(torch.load(options.voxelmorph_weights, map_location="cpu", weights_only=True))
+    with torch.inference_mode():
+        field = network.eval()(torch.from_numpy(moving01)[None, None], torch.from_numpy(fixed01)[None, None],
+                               return_field_type="displacement")
+    flow = field[0] if isinstance(field, torch.Tensor) else field[0][0]
+    return flow_to_fixed_field(flow.float().numpy(), grid, fixed)
+
+
+def sitk_bspline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """SimpleITK multi-resolution cubic B-spline (Mattes MI, L-BFGS), 3 levels, ~20 mm control grid."""
+    fixed_f, moving_f = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
+    extent = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
+    mesh = [max(int(e / 80.0), 1) for e in extent]  # 80 mm at the coarsest level, x2 twice: 20 mm
+    initial = sitk.BSplineTransformInitializer(fixed_f, mesh, order=3)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.05, seed=1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsLBFGS2(solutionAccuracy=1e-4, numberOfIterations=50)
+    method.SetInitialTransformAsBSpline(initial, inPlace=True, scaleFactors=[1, 2, 4])
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    return _transform_to_field(method.Execute(fixed_f, moving_f), fixed)
+
+
+def sitk_demons(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """SimpleITK fast symmetric forces demons, multi-resolution (shrink 4, 2, 1), on normalised intensities."""
+    fixed01 = _normalised(fixed, fixed)
+    moving01 = _normalised(_on_fixed_grid(moving, fixed), fixed)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(50)
+    demons.SetStandardDeviations(1.5)
+    field = None
+    for shrink in (4, 2, 1):
+        level_fixed = sitk.Shrink(fixed01, [shrink] * 3)
+        level_moving = sitk.Shrink(moving01, [shrink] * 3)
+        initial = (sitk.Image(level_fixed.GetSize(), sitk.sitkVectorFloat64) if field is None else
+                   sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                 sitk.sitkVectorFloat64, True))
+        initial.CopyInformation(level_fixed)
+        field = demons.Execute(level_fixed, level_moving, initial)
+    return field
+
+
+def _normalised(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """CT windowed and normalised to [0, 1] (the network's preprocessing), float32, on ``image``'s grid."""
+    from ..preprocess import PreprocessConfig
+
+    result = sitk.GetImageFromArray(normalise_ct(sitk.GetArrayViewFromImage(image), PreprocessConfig()))
+    result.CopyInformation(image)
+    return result
+
+
+def elastix_parameters(itk, iterations: int):
+    """B-spline registration after the elastix Model Zoo's Par0011 (Staring et al., EMPIRE10 lung CT,
+    ``Parameters.Par0011.bspline1_s``): normalised correlation + 0.05 bending energy, 5 resolutions,
+    10 mm final grid, adaptive stochastic gradient descent on 2000 random samples. The iteration
+    count per resolution (1000 in Par0011) is ``iterations`` here, stated in the results."""
+    parameters = itk.ParameterObject.New()
+    bspline = parameters.GetDefaultParameterMap("bspline", 5, 10.0)
+    settings = {
+        "Registration": ["MultiMetricMultiResolutionRegistration"],
+        "Metric": ["AdvancedNormalizedCorrelation", "TransformBendingEnergyPenalty"],
+        "Metric0Weight": ["1.0"], "Metric1Weight": ["0.05"],
+        "ImagePyramidSchedule": [str(v) for v in (16, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1)],
+        "FinalGridSpacingInPhysicalUnits": ["10.0"],
+        "GridSpacingSchedule": ["8.0", "8.0", "4.0", "2.0", "1.0"],
+        "Optimizer": ["AdaptiveStochasticGradientDescent"],
+        "MaximumNumberOfIterations": [str(iterations)],
+        "ImageSampler": ["RandomCoordinate"], "NumberOfSpatialSamples": ["2000"],
+        "NewSamplesEveryIteration": ["true"], "BSplineInterpolationOrder": ["1"],
+        "WriteResultImage": ["false"],
+    }
+    for key, value in settings.items():
+        bspline[key] = value
+    parameters.AddParameterMap(bspline)
+    return parameters
+
+
+def _to_itk(image: sitk.Image, itk):
+    result = itk.GetImageFromArray(sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32)))
+    result.SetOrigin(image.GetOrigin())
+    result.SetSpacing(image.GetSpacing())
+    result.SetDirection(np.asarray(image.GetDirection()).reshape(3, 3))
+    return result
+
+
+def elastix_bspline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """elastix (itk-elastix) B-spline with the Par0011-based parameters of :func:`elastix_parameters`."""
+    import itk
+
+    fixed_itk, moving_itk = _to_itk(fixed, itk), _to_itk(moving, itk)
+    _, transform = itk.elastix_registration_method(fixed_itk, moving_itk, parameter_object=elastix_parameters(
+        itk, options.elastix_iterations), log_to_console=False)
+    field = itk.transformix_deformation_field(moving_itk, transform)  # on the fixed grid, fixed -> moving
+    return _field_like(itk.array_from_image(field), fixed)
+
+
+def ants_syn(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """ANTs (antspyx) ``registration(type_of_transform="SyN")`` with its default settings; the forward
+    transforms (affine + SyN warp) are composed by ANTs into one field on the fixed grid."""
+    import ants
+
+    def to_ants(image: sitk.Image):
+        result = ants.from_numpy(sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32)).transpose(2, 1, 0))
+        result.set_origin(image.GetOrigin())
+        result.set_spacing(image.GetSpacing())
+        result.set_direction(np.asarray(image.GetDirection()).reshape(3, 3))
+        return result
+
+    fixed_ants, moving_ants = to_ants(fixed), to_ants(moving)
+    result = ants.registration(fixed_ants, moving_ants, type_of_transform="SyN")
+    with tempfile.TemporaryDirectory() as folder:
+        composed = ants.apply_transforms(fixed_ants, moving_ants, result["fwdtransforms"],
+                                         compose=str(Path(folder) / "composed_"))
+        field = read_displacement_field(composed)
+    return _field_like(sitk.GetArrayFromImage(field), fixed)
+
+
+METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {
+    "identity": identity,
+    "udrnet": udrnet,
+    "udrnet+refine": udrnet_refined,
+    "udrnet-noattention": voxelmorph_baseline,
+    "voxelmorph": voxelmorph_package,
+    "elastix-bspline": elastix_bspline,
+    "ants-syn": ants_syn,
+    "sitk-bspline": sitk_bspline,
+    "sitk-demons": sitk_demons,
+}

@@ -1,0 +1,113 @@
+"""Run one method on one pair in a child process: wall time and peak memory, crash-proof.
+
+The parent (:func:`run_job`) starts ``python -m LungUDRNetLib.bench.runner JOB.json``
+with the thread count in the environment. The child times the full pipeline of
+a user — read the pair from disk, register, warp the moving image, write the
+warped image and the field — once as a warm-up and then ``repeats`` times,
+and records its own peak resident memory. A crash (segmentation fault,
+exception, timeout) becomes a result with an ``error``, never the bench's end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+@dataclass
+class Job:
+    """What one child runs. ``options`` are the fields of :class:`.peers.Options`."""
+
+    method: str
+    pair: str  # pair folder (see :mod:`.data`)
+    out: str  # folder for warped.mha, field.mha and result.json
+    threads: int = 2
+    repeats: int = 3
+    warmup: int = 1
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """Timings (s) of the timed runs, their median, and the child's peak RSS (MB)."""
+
+    method: str
+    pair: str
+    times_s: list[float] = field(default_factory=list)
+    median_s: float = float("nan")
+    peak_rss_mb: float = float("nan")
+    error: str | None = None
+
+
+def _pipeline(job: Job) -> None:
+    """Read, register, warp, write: one user-visible registration."""
+    import SimpleITK as sitk
+
+    from ..geometry import warp_image
+    from ..io import read_image, write_displacement_field, write_image
+    from .peers import METHODS, Options
+
+    folder, out = Path(job.pair), Path(job.out)
+    fixed, moving = read_image(folder / "fixed.mha", "fixed"), read_image(folder / "moving.mha", "moving")
+    displacement = METHODS[job.method](fixed, moving, Options(**job.options))
+    write_image(warp_image(sitk.Cast(moving, sitk.sitkFloat32), displacement), out / "warped.mha")
+    write_displacement_field(sitk.Cast(displacement, sitk.sitkVectorFloat32), out / "field.mha")
+
+
+def child_main(job_path: str) -> None:
+    """Entry point of the child process: run the job, write ``result.json`` next to the outputs."""
+    from .peers import set_threads
+
+    job = Job(**json.loads(Path(job_path).read_text()))
+    set_threads(job.threads)
+    Path(job.out).mkdir(parents=True, exist_ok=True)
+    times = []
+    for run in range(job.warmup + job.repeats):
+        started = time.perf_counter()
+        _pipeline(job)
+        if run >= job.warmup:
+            times.append(time.perf_counter() - started)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+    result = RunResult(job.method, Path(job.pair).name, times, statistics.median(times), peak_mb)
+    (Path(job.out) / "result.json").write_text(json.dumps(asdict(result)))
+
+
+def _describe_failure(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        return f"crashed: {signal.Signals(-returncode).name}"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return f"failed: {lines[-1][:300] if lines else f'exit status {returncode}'}"
+
+
+def run_job(job: Job, timeout_s: float | None = None) -> RunResult:
+    """Run ``job`` in a fresh child process; a crash, error or timeout is returned as ``error``."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)
+    job_path = out / "job.json"
+    job_path.write_text(json.dumps(asdict(job)))
+    env = {**os.environ, **{name: str(job.threads) for name in THREAD_VARIABLES}}
+    try:
+        completed = subprocess.run([sys.executable, "-m", "LungUDRNetLib.bench.runner", str(job_path)],
+                                   env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return RunResult(job.method, Path(job.pair).name, error=f"timed out after {timeout_s:g} s")
+    if completed.returncode != 0 or not (out / "result.json").is_file():
+        return RunResult(job.method, Path(job.pair).name,
+                         error=_describe_failure(completed.returncode, completed.stderr))
+    return RunResult(**json.loads((out / "result.json").read_text()))
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1])
