@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_register_parser(subparsers)
     from .demo import add_demo_parser
     add_demo_parser(subparsers)
+    from LungUDRNetTrainerLib.commands import add_parsers as add_trainer_parsers
+    add_trainer_parsers(subparsers)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""PyTorch's distributed engine for ``torchrun``: process group, device per rank, collectives.
+
+Under ``torchrun --nproc_per_node=N`` (environment ``WORLD_SIZE`` > 1) every
+process joins one process group: NCCL with one GPU per process
+(``LOCAL_RANK``), gloo on CPU-only machines. A plain ``python`` run is a group
+of one and every helper here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from LungUDRNetLib.registration import resolve_device
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the run: rank, number of processes and compute device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes logs and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Context:
+    """Join the ``torchrun`` process group if there is one; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    target = resolve_device(device)
+    if world_size == 1:
+        return Context(0, 1, target)
+    if target.type == "cuda":
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    return Context(dist.get_rank(), dist.get_world_size(), target)
+
+
+def teardown(context: Context) -> None:
+    """Leave the process group (after the last collective)."""
+    if context.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, context: Context) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes."""
+    if not context.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+
+
+def all_sum(values: list[float], context: Context) -> list[float]:
+    """Element-wise sum of ``values`` over all processes."""
+    if not context.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_process(flag: bool, context: Context) -> bool:
+    """True on every process if ``flag`` is true on at least one (e.g. a Ctrl-C seen by one rank)."""
+    return all_sum([float(flag)], context)[0] > 0
+
+
+def barrier(context: Context) -> None:
+    if context.distributed:
+        dist.barrier()
