@@ -1,0 +1,121 @@
+"""``lungudrnet bench``: every method on the same pairs, one child process per method and pair."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from . import data, tables
+from ..checkpoint import DEFAULT_WEIGHTS
+from .evaluate import evaluate
+from .peers import METHODS, Options
+from .runner import Job, run_job
+
+log = logging.getLogger(__name__)
+
+QUICK_METHODS = ["identity", "udrnet", "sitk-demons"]
+DEFAULT_ELASTIX_DIR = Path("..") / "shared" / "data" / "elastix_lung"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark UDRNet against its peers (TRE, time, memory)")
+    parser.add_argument("--data", help="Learn2Reg-layout folder (imagesTr/, masksTr/, keypointsTr/, landmarksTr/)")
+    parser.add_argument("--out", default="bench", help="output folder (default: bench)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: 2 tiny phantom pairs, methods {', '.join(QUICK_METHODS)}, 1 repeat")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: "
+                        + ", ".join(METHODS))
+    parser.add_argument("--pairs", type=int, default=6, help="synthetic breathing pairs on the Learn2Reg grid")
+    parser.add_argument("--elastix-lung", default=str(DEFAULT_ELASTIX_DIR),
+                        help="folder with the elastix test chest CT (used where present)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and pair (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads, the same for every method")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and pair")
+    parser.add_argument("--weights", help="UDRNet checkpoint (default: bundled weights)")
+    parser.add_argument("--baseline-weights", help="checkpoint of UDRNet(attention=False) trained likewise")
+    parser.add_argument("--voxelmorph-weights", help="state_dict of the voxelmorph package's VxmPairwise")
+    parser.add_argument("--refine-steps", type=int, default=Options.refine_steps, help="Adam steps of udrnet+refine")
+    parser.add_argument("--elastix-iterations", type=int, default=Options.elastix_iterations,
+                        help="iterations per resolution of elastix (Par0011 uses 1000)")
+    parser.set_defaults(run=run_bench)
+
+
+def _pair_folders(args: argparse.Namespace, cache: Path) -> list[Path]:
+    if args.quick:
+        return data.tiny_pairs(cache)
+    folders = data.synthetic_pairs(cache, args.pairs)
+    folders += data.elastix_ct_pair(cache, Path(args.elastix_lung))
+    if args.data:
+        folders += data.learn2reg_pairs(cache, Path(args.data))
+    return folders
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    methods = QUICK_METHODS if args.quick else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"lungudrnet bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def gpu_network_seconds(shape: tuple[int, int, int] = (192, 192, 208), repeats: int = 10) -> float | None:
+    """Median seconds of one UDRNet forward pass on CUDA at ``shape`` (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    from .peers import _udrnet_model
+
+    model = _udrnet_model(None)[0].cuda()
+    pair = torch.rand(2, 1, 1, *shape, device="cuda")
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 2):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(pair[0], pair[1])
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    """Run the bench and write results.csv, results.md and tre_vs_time.png into ``args.out``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    repeats = 1 if args.quick else args.repeats
+    options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
+    machine = tables.machine_description(args.threads)
+    pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
+    rows = []
+    for method in _methods(args):
+        for pair in pairs:
+            job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
+                      args.threads, repeats, args.warmup, asdict(options))
+            result = run_job(job, args.timeout)
+            report = None if result.error else evaluate(pair, Path(job.out))
+            rows.append(tables.row(method, pair.name, report, result.median_s, result.peak_rss_mb, result.error))
+            log.info("%-20s %-28s %s", method, pair.name, result.error or f"{result.median_s:.2f} s, "
+                     f"TRE {rows[-1]['tre_mean_mm'] or float('nan'):.2f} mm, {result.peak_rss_mb:.0f} MB")
+    machine["load_average_1m_end"] = tables.machine_description(args.threads)["load_average_1m"]
+    notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
+             f"time = read pair, register, warp, write warped image and field; median of {repeats} runs after "
+             f"{args.warmup} warm-up, {args.threads} threads for every method, each in its own child process",
+             f"udrnet+refine: {options.refine_steps} Adam steps; elastix: Par0011-based, "
+             f"{options.elastix_iterations} iterations per resolution"]
+    if options.weights is None and not DEFAULT_WEIGHTS.is_file():
+        notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
+    gpu = gpu_network_seconds()
+    if gpu is not None:
+        notes.append(f"UDRNet network step on {machine['gpu']} at 192x192x208: {gpu * 1000:.1f} ms (median)")
+        print(notes[-1])
+    summary = tables.summarise(rows)
+    tables.write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(tables.markdown(summary, machine, notes))
+    tables.plot_tre_vs_time(summary, out / "tre_vs_time.png")
+    print((out / "results.md").read_text())
+    return rows

@@ -1,0 +1,113 @@
+"""Bench outputs: per-pair rows (results.csv), a per-method summary (results.md) and the TRE-vs-time figure."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COLUMNS = ["method", "pair", "tre_mean_mm", "tre_std_mm", "tre_p90_mm", "dice_percent", "one_minus_mse_percent",
+           "ncc_percent", "sdlogj", "folding_percent", "median_s", "peak_rss_mb", "error"]
+SUMMARY = [("TRE mean (mm)", "tre_mean_mm"), ("TRE std", "tre_std_mm"), ("TRE p90", "tre_p90_mm"),
+           ("lung Dice %", "dice_percent"), ("1-MSE %", "one_minus_mse_percent"), ("NCC %", "ncc_percent"),
+           ("SDlogJ", "sdlogj"), ("folded %", "folding_percent"), ("time (s, median)", "median_s"),
+           ("peak RSS (MB)", "peak_rss_mb")]
+
+
+def row(method: str, pair: str, report: dict | None, median_s: float, peak_rss_mb: float,
+        error: str | None) -> dict:
+    """One results.csv row from an evaluation report (:func:`.evaluate.evaluate`) or an error."""
+    after = (report or {}).get("after", {})
+    tre = after.get("tre_mm", {})
+    jacobian = (report or {}).get("jacobian", {})
+    return {"method": method, "pair": pair, "tre_mean_mm": tre.get("mean"), "tre_std_mm": tre.get("std"),
+            "tre_p90_mm": tre.get("p90"), "dice_percent": after.get("dice_percent"),
+            "one_minus_mse_percent": after.get("one_minus_mse_percent"), "ncc_percent": after.get("ncc_percent"),
+            "sdlogj": jacobian.get("sdlogj"), "folding_percent": jacobian.get("folding_percent"),
+            "median_s": median_s, "peak_rss_mb": peak_rss_mb, "error": error}
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per method: means over its successful pairs (peak memory: the maximum) and its errors."""
+    summary = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        ok = [r for r in mine if not r["error"]]
+        entry = {key: _mean(ok, key) for _, key in SUMMARY}
+        entry["peak_rss_mb"] = max((r["peak_rss_mb"] for r in ok), default=float("nan"))
+        entry.update(method=method, pairs=len(ok),
+                     errors="; ".join(sorted({f"{r['pair']}: {r['error']}" for r in mine if r["error"]})))
+        summary.append(entry)
+    return summary
+
+
+def machine_description(threads: int) -> dict:
+    """CPU model, cores, load, torch version and the thread count every method ran with."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__, "gpu": gpu,
+            "load_average_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()}
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _cell(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def markdown(summary: list[dict], machine: dict, notes: list[str]) -> str:
+    """The results table with the machine description and notes, as Markdown."""
+    header = "| method | pairs | " + " | ".join(title for title, _ in SUMMARY) + " |"
+    lines = [header, "|" + "---|" * (len(SUMMARY) + 2)]
+    for entry in summary:
+        cells = [entry["method"], str(entry["pairs"])] + [_cell(entry[key]) for _, key in SUMMARY]
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [f"- {e['method']}: {e['errors']}" for e in summary if e["errors"]]
+    described = ", ".join(f"{k} {v}" for k, v in machine.items())
+    return "\n".join(["# LungUDRNet benchmark", "", f"Machine: {described}.", "", *lines, "",
+                      *([f"Notes:"] + [f"- {n}" for n in notes] if notes else []),
+                      *(["", "Errors:", *errors] if errors else []), ""])
+
+
+def plot_tre_vs_time(summary: list[dict], path: Path) -> Path:
+    """Scatter of mean TRE (mm) against median wall time (s, log scale), one labelled point per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    for entry in summary:
+        if math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["median_s"]):
+            continue
+        axes.scatter(entry["median_s"], entry["tre_mean_mm"])
+        axes.annotate(entry["method"], (entry["median_s"], entry["tre_mean_mm"]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("median wall time per pair (s, read to write)")
+    axes.set_ylabel("mean TRE (mm)")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark (tiny phantom pairs, identity + UDRNet + SimpleITK demons) and the
+instance refinement; speed is measured by `lungudrnet bench`, never asserted here."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from LungUDRNetLib.bench.command import add_parser
+from LungUDRNetLib.bench.runner import Job, run_job
+from LungUDRNetLib.refine import refine
+from LungUDRNetLib.warp import warp
+
+
+def _bench_args(out) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["bench", "--quick", "--out", str(out), "--warmup", "0"])
+
+
+def test_quick_bench_writes_tables_and_ranks_methods(tmp_path):
+    args = _bench_args(tmp_path)
+    rows = args.run(args)
+    assert {(r["method"], r["pair"]) for r in rows} == {(m, p) for m in ("identity", "udrnet", "sitk-demons")
+                                                       for p in ("tiny0", "tiny1")}
+    assert all(r["error"] is None for r in rows)
+    tre = {r["method"]: r["tre_mean_mm"] for r in rows if r["pair"] == "tiny0"}
+    assert tre["identity"] > 2.0  # the generator moved the landmarks
+    assert tre["sitk-demons"] < 0.8 * tre["identity"]  # a real registration beats the floor
+    assert all(r["median_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows)
+    with (tmp_path / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    table = (tmp_path / "results.md").read_text()
+    assert "| sitk-demons | 2 |" in table and "threads 2" in table
+    assert (tmp_path / "tre_vs_time.png").stat().st_size > 1000
+
+
+def test_child_failure_is_a_row_not_a_crash(tmp_path):
+    result = run_job(Job("identity", str(tmp_path / "no_such_pair"), str(tmp_path / "run"), repeats=1))
+    assert result.error is not None and "failed" in result.error
+    assert np.isnan(result.median_s)
+
+
+def test_refine_recovers_a_translation():
+    torch.manual_seed(0)
+    shape = (24, 24, 24)
+    moving = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *shape), 5, stride=1, padding=2)
+    true_flow = torch.zeros(1, 3, *shape)
+    true_flow[:, 2] = 1.5  # voxels along W
+    fixed = warp(moving, true_flow)
+    start = torch.zeros_like(true_flow)
+    refined = refine(start, fixed, moving, steps=60, lr=0.1, smoothness_weight=0.01)
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6), slice(6, -6))
+    error_before = (start - true_flow)[inner].abs().mean()
+    error_after = (refined - true_flow)[inner].abs().mean()
+    assert error_after < 0.5 * error_before
+    assert not refined.requires_grad and refined.shape == start.shape
+    assert torch.equal(refine(start, fixed, moving, steps=0), start)
+
+
+def test_refine_rejects_negative_steps():
+    with pytest.raises(ValueError):
+        refine(torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), steps=-1)
