@@ -29,7 +29,8 @@ def add_train_parser(subparsers) -> None:
                     "paper defaults <- --preset <- --config file <- flags.")
     parser.add_argument("--out", help="run folder for config.yaml, last.pt, best.pt, log.csv, tensorboard/")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or fast (64^3, CPU-sized)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="paper (default), fast (64^3, CPU-sized) or smoke (tiny, seconds: a pipeline check)")
     parser.add_argument("--config", help="YAML or TOML file of settings (keys as the flags below)")
     add_config_arguments(parser)
     parser.set_defaults(run=run_train)

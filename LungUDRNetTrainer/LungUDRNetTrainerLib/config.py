@@ -103,6 +103,10 @@ PRESETS: dict[str, dict] = {
     # Minutes on a CPU: a 64^3 grid fitted to the lungs, small batches, a larger step.
     "fast": {"grid_shape": (64, 64, 64), "grid_mode": "fit", "epochs": 20, "batch_size": 2,
              "learning_rate": 1e-4, "num_workers": 2},
+    # Seconds on a CPU: checks the whole pipeline with a tiny network; not for real weights.
+    "smoke": {"grid_shape": (32, 32, 32), "grid_mode": "fit", "encoder_channels": (4, 8, 8),
+              "bottleneck_channels": 8, "decoder_channels": (8, 8, 4), "epochs": 5, "batch_size": 2,
+              "learning_rate": 3e-3, "similarity": "mse", "smoothness_weight": 0.01, "num_workers": 0},
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
