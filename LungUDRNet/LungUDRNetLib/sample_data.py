@@ -153,7 +153,7 @@ def _find_member(archive: tarfile.TarFile, filename: str) -> tarfile.TarInfo:
 def _copy_verified(source, target: Path, expected_sha256: str, sdist_path: Path) -> None:
     """Stream ``source`` into ``target`` through a temporary file, keeping it only if the SHA-256 matches."""
     digest = hashlib.sha256()
-    partial = target.with_name(target.name + ".part")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # private to this process
     with source, open(partial, "wb") as stream:
         for block in iter(lambda: source.read(1 << 20), b""):
             digest.update(block)
