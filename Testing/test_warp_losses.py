@@ -52,6 +52,18 @@ def test_similarity_losses_are_minimal_for_identical_images():
     torch.testing.assert_close(losses.mse(torch.zeros(1, 1, 2, 2, 2), torch.ones(1, 1, 2, 2, 2)), torch.tensor(1.0))
 
 
+def test_box_mean_equals_a_brute_force_window_sum():
+    x = torch.rand(1, 1, 9, 10, 11)
+    kernel = torch.ones(1, 1, 5, 5, 5) / 125.0
+    expected = torch.nn.functional.conv3d(x, kernel, padding=2)
+    torch.testing.assert_close(losses.box_mean(x, 5), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_local_ncc_of_a_scaled_copy_is_minus_one():
+    a = torch.rand(1, 1, 12, 12, 12)
+    assert losses.local_ncc(a, 3 * a, window=5, eps=1e-9) < -0.999  # zero padding scales like a
+
+
 def test_smoothness_of_a_linear_ramp_field():
     flow = torch.zeros(1, 3, 5, 5, 5)
     flow[:, 0] = torch.arange(5, dtype=torch.float32).view(5, 1, 1) * 0.5  # du_z/dz = 0.5

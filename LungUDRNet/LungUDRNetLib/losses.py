@@ -23,19 +23,24 @@ def global_ncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-5) -> 
     return -ncc.mean()
 
 
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a cubic ``window`` around each voxel (zero padding), as three separable 1D passes."""
+    pad = window // 2
+    for kernel in ((window, 1, 1), (1, window, 1), (1, 1, window)):
+        padding = tuple(pad if k > 1 else 0 for k in kernel)
+        x = F.avg_pool3d(x, kernel, stride=1, padding=padding, count_include_pad=True)
+    return x
+
+
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """Negative squared local NCC in cubic windows of ``window`` voxels (VoxelMorph's NCC loss)."""
-    kernel = torch.ones(1, 1, window, window, window, device=fixed.device, dtype=fixed.dtype)
-    padding = window // 2
+    """Negative squared local NCC in cubic windows of ``window`` voxels (VoxelMorph's NCC loss).
 
-    def box(x: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(x, kernel, padding=padding)
-
-    size = float(window ** 3)
-    sum_f, sum_w = box(fixed), box(warped)
-    cross = box(fixed * warped) - sum_f * sum_w / size
-    var_f = box(fixed * fixed) - sum_f * sum_f / size
-    var_w = box(warped * warped) - sum_w * sum_w / size
+    cc = cov(f, w)^2 / (var(f) var(w)) per window, averaged over voxels.
+    """
+    mean_f, mean_w = box_mean(fixed, window), box_mean(warped, window)
+    cross = box_mean(fixed * warped, window) - mean_f * mean_w
+    var_f = box_mean(fixed * fixed, window) - mean_f * mean_f
+    var_w = box_mean(warped * warped, window) - mean_w * mean_w
     return -torch.mean(cross * cross / (var_f * var_w + eps))
 
 
