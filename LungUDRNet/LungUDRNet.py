@@ -31,7 +31,10 @@ from LungUDRNetLib.slicer_logic import RegistrationLogic, image_from_volume, upd
 BUNDLED, CHECKPOINT = "bundled weights", "checkpoint file"
 DEVICES = ["auto", "cuda", "cpu"]
 TORCH_REQUIREMENT = ">=2.1"
-REQUIREMENTS = ["nibabel>=5.0", "psutil>=5.9"]  # besides torch, SimpleITK and numpy
+# The core library's requirements (pyproject.toml) by import name, except torch (from the PyTorch extension)
+# and numpy and SimpleITK (bundled with Slicer).
+REQUIREMENTS = {"nibabel": "nibabel>=5.0", "scipy": "scipy>=1.10", "tqdm": "tqdm>=4.60",
+                "matplotlib": "matplotlib>=3.7", "yaml": "pyyaml>=6.0", "psutil": "psutil>=5.9"}
 POLL_INTERVAL_MS = 200
 
 
@@ -234,7 +237,7 @@ def ensureDependencies() -> bool:
     """Install what the registration needs, after asking; False if the user declines or nothing could be done."""
     if importlib.util.find_spec("torch") is None and not installTorch():
         return False
-    missing = [r for r in REQUIREMENTS if importlib.util.find_spec(r.split(">=")[0]) is None]
+    missing = [requirement for name, requirement in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
     if missing and not slicer.util.confirmOkCancelDisplay(
             _("LungUDRNet needs these Python packages: {packages}. Install them now?").format(
                 packages=", ".join(missing)), windowTitle=_("Install Python packages")):

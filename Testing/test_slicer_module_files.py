@@ -14,6 +14,7 @@ import re
 import struct
 import subprocess
 import sys
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -99,6 +100,22 @@ def test_packages_are_installed_only_after_apply():
     top_level_calls = [node for statement in tree.body if not isinstance(statement, (ast.FunctionDef, ast.ClassDef))
                        for node in ast.walk(statement) if isinstance(node, ast.Call)]
     assert not top_level_calls
+
+
+def module_constant(name: str):
+    """The value of a constant assigned at the top level of ``LungUDRNet.py``."""
+    assignment = next(node for node in module_tree().body
+                      if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name)
+    return ast.literal_eval(assignment.value)
+
+
+def test_the_panel_installs_the_core_requirements():
+    """The packages installed on Apply are the core's dependencies, less those that Slicer provides."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    provided_by_slicer = ("torch", "numpy", "SimpleITK")
+    assert set(module_constant("REQUIREMENTS").values()) == {
+        requirement for requirement in dependencies if not requirement.startswith(provided_by_slicer)}
+    assert "torch" + module_constant("TORCH_REQUIREMENT") in dependencies
 
 
 def test_module_metadata():
