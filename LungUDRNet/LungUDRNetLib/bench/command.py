@@ -64,6 +64,14 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return methods
 
 
+def _evaluated(pair: data.BenchPair, out: Path) -> tuple[dict | None, str | None]:
+    """The evaluation report of one run, or the reason it could not be evaluated."""
+    try:
+        return evaluate(pair, out), None
+    except Exception as error:  # a broken field must not end the bench
+        return None, f"evaluation failed: {type(error).__name__}: {str(error)[:200]}"
+
+
 def gpu_network_seconds(shape: tuple[int, int, int] = (192, 192, 208), repeats: int = 10) -> float | None:
     """Median seconds of one UDRNet forward pass on CUDA at ``shape`` (None without CUDA)."""
     if not torch.cuda.is_available():
@@ -97,13 +105,16 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
                       args.threads, repeats, args.warmup, asdict(options))
             result = run_job(job, args.timeout)
-            report = None if result.error else evaluate(pair, Path(job.out))
-            rows.append(tables.row(method, pair.name, report, result.median_s, result.peak_rss_mb, result.error))
+            report = None
+            if not result.error:
+                report, result.error = _evaluated(pair, Path(job.out))
+            rows.append(tables.row(method, pair.name, report, result))
             log.info("%-20s %-28s %s", method, pair.name, result.error or f"{result.median_s:.2f} s, "
                      f"TRE {rows[-1]['tre_mean_mm'] or float('nan'):.2f} mm, {result.peak_rss_mb:.0f} MB")
     machine["load_average_1m_end"] = tables.machine_description(args.threads)["load_average_1m"]
     notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
-             f"time = read pair, register, warp, write warped image and field; median of {repeats} runs after "
+             f"time = read pair, register, warp, write warped image and field (method only: the field "
+             f"computation alone); median of {repeats} runs after "
              f"{args.warmup} warm-up, {args.threads} threads for every method, each in its own child process",
              f"udrnet+refine: {options.refine_steps} Adam steps; elastix: Par0011-based, "
              f"{options.elastix_iterations} iterations per resolution"]

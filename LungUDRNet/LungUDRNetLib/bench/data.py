@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..geometry import index_to_points
+from ..geometry import index_to_points, transform_points
 from ..io import read_image, read_points, write_image
 from ..phantom import chest_phantom, make_grid
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SYNTHETIC_PLAN = [("lung1", 0, 8.0), ("lung2", 1, 12.0), ("lung1", 2, 16.0),
                   ("lung2", 3, 8.0), ("lung1", 4, 12.0), ("lung2", 5, 16.0)]
 ELASTIX_CT = Path("3DCT_lung_baseline_small.mha")
+MIN_LANDMARKS = 50
 
 
 @dataclass
@@ -69,6 +70,21 @@ def read_pair(folder: Path) -> BenchPair:
                      None if points is None else points["fixed"], None if points is None else points["moving"])
 
 
+def _write_breathing_pair(folder: Path, pair, seed: int, minimum: int = MIN_LANDMARKS) -> Path:
+    """Store a :class:`..synth.BreathingPair`. When the generator found fewer than ``minimum``
+    landmarks (a phantom has few vessels), random fixed lung voxels mapped through the exact
+    displacement are added, so the TRE always has ground truth behind it."""
+    fixed_points, moving_points = pair.fixed_points, pair.moving_points
+    if len(fixed_points) < minimum:
+        lung = np.argwhere(sitk.GetArrayViewFromImage(pair.fixed_mask) > 0)[:, ::-1]  # (i, j, k)
+        chosen = np.random.default_rng(seed).choice(len(lung), size=min(minimum, len(lung)), replace=False)
+        extra = index_to_points(lung[chosen].astype(float), pair.fixed_mask)
+        fixed_points = np.concatenate([fixed_points.reshape(-1, 3), extra])
+        moving_points = np.concatenate([moving_points.reshape(-1, 3), transform_points(extra, pair.displacement)])
+    return write_pair(folder, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
+                      fixed_points, moving_points)
+
+
 def _source_ct(name: str) -> tuple[sitk.Image, str]:
     """A real chest CT by name (project sample data), or a phantom when it cannot be had."""
     try:
@@ -92,9 +108,8 @@ def synthetic_pairs(cache: Path, count: int, learn2reg_grid: bool = True) -> lis
         folder = cache / f"{label}_s{seed}_a{amplitude:g}{'' if learn2reg_grid else '_native'}"
         if not (folder / "fixed.mha").is_file():
             reference = learn2reg_like_grid(ct) if learn2reg_grid else None
-            pair = make_breathing_pair(ct, seed=seed, amplitude_mm=amplitude, reference=reference)
-            write_pair(folder, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
-                       pair.fixed_points, pair.moving_points)
+            _write_breathing_pair(folder, make_breathing_pair(ct, seed=seed, amplitude_mm=amplitude,
+                                                              reference=reference), seed)
         folders.append(folder)
     return folders
 
@@ -108,9 +123,8 @@ def elastix_ct_pair(cache: Path, folder: Path, amplitude_mm: float = 12.0) -> li
     out = cache / f"elastix_lung_a{amplitude_mm:g}"
     if not (out / "fixed.mha").is_file():
         ct = read_image(folder / ELASTIX_CT, "elastix lung CT")
-        pair = make_breathing_pair(ct, seed=7, amplitude_mm=amplitude_mm, reference=learn2reg_like_grid(ct))
-        write_pair(out, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
-                   pair.fixed_points, pair.moving_points)
+        _write_breathing_pair(out, make_breathing_pair(ct, seed=7, amplitude_mm=amplitude_mm,
+                                                       reference=learn2reg_like_grid(ct)), seed=7)
     return [out]
 
 
@@ -152,8 +166,7 @@ def tiny_pairs(cache: Path, count: int = 2) -> list[Path]:
         folder = cache / f"tiny{seed}"
         if not (folder / "fixed.mha").is_file():
             ct = chest_phantom(make_grid((48, 40, 36), (4.0, 4.0, 5.0), (-96.0, -80.0, -90.0)), seed=seed)
-            pair = make_breathing_pair(ct, seed=seed, amplitude_mm=8.0, n_landmarks=20, noise_hu=5.0)
-            write_pair(folder, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
-                       pair.fixed_points, pair.moving_points)
+            _write_breathing_pair(folder, make_breathing_pair(ct, seed=seed, amplitude_mm=8.0, n_landmarks=20,
+                                                              noise_hu=5.0), seed, minimum=20)
         folders.append(folder)
     return folders

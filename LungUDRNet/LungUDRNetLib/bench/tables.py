@@ -12,16 +12,17 @@ import numpy as np
 import torch
 
 COLUMNS = ["method", "pair", "tre_mean_mm", "tre_std_mm", "tre_p90_mm", "dice_percent", "one_minus_mse_percent",
-           "ncc_percent", "sdlogj", "folding_percent", "median_s", "peak_rss_mb", "error"]
+           "ncc_percent", "sdlogj", "folding_percent", "median_s", "method_median_s", "peak_rss_mb", "error"]
 SUMMARY = [("TRE mean (mm)", "tre_mean_mm"), ("TRE std", "tre_std_mm"), ("TRE p90", "tre_p90_mm"),
            ("lung Dice %", "dice_percent"), ("1-MSE %", "one_minus_mse_percent"), ("NCC %", "ncc_percent"),
            ("SDlogJ", "sdlogj"), ("folded %", "folding_percent"), ("time (s, median)", "median_s"),
+           ("method only (s)", "method_median_s"),
            ("peak RSS (MB)", "peak_rss_mb")]
 
 
-def row(method: str, pair: str, report: dict | None, median_s: float, peak_rss_mb: float,
-        error: str | None) -> dict:
-    """One results.csv row from an evaluation report (:func:`.evaluate.evaluate`) or an error."""
+def row(method: str, pair: str, report: dict | None, run) -> dict:
+    """One results.csv row from a :class:`.runner.RunResult` and its evaluation report
+    (:func:`.evaluate.evaluate`; None when the run or the evaluation failed)."""
     after = (report or {}).get("after", {})
     tre = after.get("tre_mm", {})
     jacobian = (report or {}).get("jacobian", {})
@@ -29,7 +30,8 @@ def row(method: str, pair: str, report: dict | None, median_s: float, peak_rss_m
             "tre_p90_mm": tre.get("p90"), "dice_percent": after.get("dice_percent"),
             "one_minus_mse_percent": after.get("one_minus_mse_percent"), "ncc_percent": after.get("ncc_percent"),
             "sdlogj": jacobian.get("sdlogj"), "folding_percent": jacobian.get("folding_percent"),
-            "median_s": median_s, "peak_rss_mb": peak_rss_mb, "error": error}
+            "median_s": run.median_s, "method_median_s": run.method_median_s, "peak_rss_mb": run.peak_rss_mb,
+            "error": run.error}
 
 
 def _mean(rows: list[dict], key: str) -> float:
