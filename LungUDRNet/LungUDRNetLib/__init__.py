@@ -2,17 +2,23 @@
 
 Pure Python on torch, numpy and SimpleITK (no Slicer, no Qt). The usual entry
 point is :func:`register`; see ``geometry`` for the coordinate conventions.
+Exports load lazily, so that importing the package (e.g. when 3D Slicer loads
+the module before PyTorch is installed) does not import torch.
 """
 
-from .checkpoint import load_model, save_checkpoint
-from .errors import LungUDRNetError
-from .model import SCHAF, UDRNet, UDRNetConfig
-from .preprocess import PreprocessConfig
-from .registration import RegistrationResult, register
+import importlib
+
+_EXPORTS = {
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "LungUDRNetError": "errors",
+    "SCHAF": "model", "UDRNet": "model", "UDRNetConfig": "model", "PreprocessConfig": "preprocess",
+    "RegistrationResult": "registration", "register": "registration",
+}
 
 __version__ = "0.1.0"
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = [
-    "LungUDRNetError", "PreprocessConfig", "RegistrationResult", "SCHAF", "UDRNet", "UDRNetConfig",
-    "load_model", "register", "save_checkpoint", "__version__",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
