@@ -24,7 +24,7 @@ from ..geometry import voxel_flow_to_field
 from ..io import read_displacement_field
 from ..preprocess import flow_to_fixed_field, normalise_ct, prepare_pair
 from ..refine import refine
-from ..registration import predict_flow, register
+from ..registration import predict_flow
 
 Field = sitk.Image
 
@@ -79,28 +79,35 @@ def _udrnet_model(path: str | None, attention: bool = True):
     return load_model(path)
 
 
+def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, attention: bool = True,
+                  refine_steps: int = 0) -> Field:
+    """The steps of :func:`LungUDRNetLib.register` up to the field (its warp is the harness's):
+    network grid, network, optional instance refinement, field on the fixed grid."""
+    model, preprocess, _ = _udrnet_model(weights, attention)
+    if model.config.attention != attention:
+        raise ValueError(f"the checkpoint's network has attention={model.config.attention}, expected {attention}")
+    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
+    flow = predict_flow(model, fixed01, moving01, torch.device("cpu"))
+    if refine_steps:
+        as_tensor = lambda array: torch.from_numpy(array)[None, None]  # noqa: E731
+        flow = refine(torch.from_numpy(flow)[None], as_tensor(fixed01), as_tensor(moving01),
+                      steps=refine_steps)[0].numpy()
+    return flow_to_fixed_field(flow, grid, fixed)
+
+
 def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
-    """The product pipeline: :func:`LungUDRNetLib.register` (preprocess, network, field to fixed grid)."""
-    model, preprocess, _ = _udrnet_model(options.weights)
-    return register(fixed, moving, model=model, device="cpu", preprocess=preprocess).displacement
+    """UDRNet as :func:`LungUDRNetLib.register` runs it."""
+    return _udrnet_field(fixed, moving, options.weights)
 
 
 def udrnet_refined(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """UDRNet's prediction refined on this pair by :func:`LungUDRNetLib.refine.refine` on the network grid."""
-    model, preprocess, _ = _udrnet_model(options.weights)
-    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
-    flow = torch.from_numpy(predict_flow(model, fixed01, moving01, torch.device("cpu")))[None]
-    as_tensor = lambda array: torch.from_numpy(array)[None, None]  # noqa: E731
-    flow = refine(flow, as_tensor(fixed01), as_tensor(moving01), steps=options.refine_steps)
-    return flow_to_fixed_field(flow[0].numpy(), grid, fixed)
+    return _udrnet_field(fixed, moving, options.weights, refine_steps=options.refine_steps)
 
 
 def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """Our own VoxelMorph baseline: ``UDRNet(attention=False)`` through the same pipeline."""
-    model, preprocess, _ = _udrnet_model(options.baseline_weights, attention=False)
-    if model.config.attention:
-        raise ValueError("--baseline-weights must hold a UDRNet trained with attention=False")
-    return register(fixed, moving, model=model, device="cpu", preprocess=preprocess).displacement
+    return _udrnet_field(fixed, moving, options.baseline_weights, attention=False)
 
 
 def voxelmorph_package(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
