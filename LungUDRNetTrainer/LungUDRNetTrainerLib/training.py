@@ -11,8 +11,9 @@ accumulation over micro-batches), then a validation pass. ``RUN_DIR`` gets
 
 Row 0 of the log is the untrained network (near-zero output: the identity).
 Training ends after ``epochs`` or when the validation loss has not improved
-for ``patience`` epochs. A stop request (Ctrl-C, SIGTERM) finishes the current
-optimizer step, writes ``last.pt`` and raises :class:`CancelledError`;
+for ``patience`` epochs. A stop request (Ctrl-C, SIGTERM, or a file named
+``STOP`` created in ``RUN_DIR``) finishes the current optimizer step, writes
+``last.pt`` and raises :class:`CancelledError`;
 ``resume`` continues from ``last.pt`` exactly where it stopped.
 """
 
@@ -53,6 +54,7 @@ from .runlog import RunLog
 log = logging.getLogger(__name__)
 
 AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_FILE = "STOP"
 StepCallback = Callable[[int, int], None]
 
 
@@ -214,6 +216,7 @@ class Trainer:
         loss_sum, samples = (self.progress.loss_sum, self.progress.samples) if self.context.is_main else (0.0, 0)
         bar = tqdm(total=math.ceil(len(order) / per_step), initial=step, desc=f"epoch {epoch}/{self.config.epochs}",
                    unit="step", disable=not self.context.is_main, dynamic_ncols=True)
+        stop_file = self.run_dir / STOP_FILE
         self.optimizer.zero_grad(set_to_none=True)
         with bar:
             for index, batch in enumerate(loader):
@@ -235,7 +238,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{total.item():.4f}")
                 if on_step is not None:
                     on_step(epoch, step)
-                if distributed.any_process(stop.is_set(), self.context):
+                if distributed.any_process(stop.is_set() or stop_file.exists(), self.context):
                     loss_sum, samples = distributed.all_sum([loss_sum, samples], self.context)
                     self.progress = dataclasses.replace(self.progress, step=step, loss_sum=loss_sum,
                                                         samples=int(samples))
@@ -361,6 +364,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"output {run_dir}: cannot be created ({error.strerror})") from None
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
     write_config(config, run_dir / "config.yaml")
 
 
@@ -368,7 +372,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
           stop: threading.Event | None = None, on_step: StepCallback | None = None) -> Progress:
     """Train (or, with ``resume``, continue training) into ``run_dir``; see the module docstring.
 
-    ``stop`` is a stop request (set by Ctrl-C/SIGTERM in the command line);
+    ``stop`` is a stop request (set by Ctrl-C/SIGTERM in the command line; ``RUN_DIR/STOP`` works too);
     ``on_step(epoch, step)`` is called after every optimizer step.
     """
     run_dir = Path(run_dir)

@@ -1,0 +1,195 @@
+"""LungUDRNetTrainer: a small 3D Slicer panel that runs the headless UDRNet trainer in a background process.
+
+Pick a dataset folder (Learn2Reg layout) and a run folder, Start; the panel
+shows the epoch progress and the last validation scores. Stop lets the trainer
+finish its step and write ``last.pt`` (a second click kills it); tick Resume to
+continue a stopped run. Multi-GPU training is done headless with ``torchrun``
+(see the README); everything here is in ``LungUDRNetTrainerLib``.
+"""
+
+import pathlib
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+PRESETS = ["paper", "fast", "smoke"]
+MODELS = ["udrnet", "voxelmorph"]
+DEVICES = ["auto", "cuda", "cpu"]
+POLL_INTERVAL_MS = 500
+
+
+class LungUDRNetTrainer(ScriptedLoadableModule):
+    """Module description, shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("LungUDRNet Trainer")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
+        self.parent.dependencies = ["LungUDRNet"]
+        self.parent.contributors = ["LungUDRNet developers"]
+        self.parent.helpText = _("""
+Train UDRNet (or the 3D VoxelMorph baseline) on a folder of lung CT pairs in the Learn2Reg layout, in a
+background process. The run folder receives config.yaml, log.csv, last.pt and best.pt; use best.pt as the
+checkpoint of the LungUDRNet module. For several GPUs, run the trainer headless with torchrun (see the
+<a href="https://github.com/LungUDRNet/SlicerLungUDRNet#training">documentation</a>).
+""")
+        self.parent.acknowledgementText = _("""
+The training follows "Unsupervised deformable registration of lung CT images with a hybrid attention
+mechanism (UDRNet)". The Learn2Reg LungCT data are by Hering et al. (CC BY 4.0).
+""")
+
+
+@parameterNodeWrapper
+class LungUDRNetTrainerParameterNode:
+    """
+    dataFolder - a Learn2Reg dataset folder (dataset JSON, imagesTr/, masksTr/, keypointsTr/ ...).
+    runFolder - where the run writes its configuration, log and checkpoints.
+    preset - paper (the paper's settings), fast (64^3, CPU-sized) or smoke (seconds, a pipeline check).
+    model - udrnet (with scHAF) or voxelmorph (the baseline of the ablation).
+    device - auto (CUDA GPU if available, else CPU), cuda or cpu.
+    resume - continue the run in runFolder from its last.pt instead of starting a new one.
+    """
+
+    dataFolder: pathlib.Path
+    runFolder: pathlib.Path
+    preset: Annotated[str, Choice(PRESETS)] = "paper"
+    model: Annotated[str, Choice(MODELS)] = "udrnet"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    resume: bool = False
+
+
+class LungUDRNetTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: parameter node bound to the .ui widgets, Start/Stop, progress and last scores."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LungUDRNetTrainer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.logic = LungUDRNetTrainerLogic()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._onPoll)
+        self.ui.startButton.connect("clicked(bool)", self.onStartButton)
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def cleanup(self) -> None:
+        if self._job:
+            self._pollTimer.stop()
+            self._job.kill()
+            self._job = None
+        self.setParameterNode(None)
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        if self._job:
+            self.ui.startButton.text = _("Kill") if self._job.message.startswith("stopping") else _("Stop")
+            self.ui.startButton.enabled = True
+            return
+        self.ui.startButton.text = _("Start")
+        ready = bool(parameters and str(parameters.runFolder) not in ("", "."))
+        self.ui.startButton.enabled = ready and (parameters.resume or str(parameters.dataFolder) not in ("", "."))
+
+    def onStartButton(self) -> None:
+        """Start a run; while it runs the button asks it to stop, and then kills it."""
+        if self._job:
+            if self._job.message.startswith("stopping"):
+                self._job.kill()
+            else:
+                self._job.stop()
+            self._updateButtons()
+            return
+        from LungUDRNet import ensureDependencies
+        if not ensureDependencies():
+            return
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the training."), waitCursor=True):
+            from LungUDRNetTrainerLib.process import TrainingProcess, train_arguments
+            arguments = train_arguments(parameters.runFolder, parameters.dataFolder, parameters.preset,
+                                        parameters.model, parameters.device, parameters.resume)
+            self._job = TrainingProcess(parameters.runFolder, arguments)
+            self.ui.progressBar.value = 0
+            self.ui.summaryLabel.text = ""
+            self._pollTimer.start()
+        self._updateButtons()
+
+    def _onPoll(self) -> None:
+        ended = self._job.poll()
+        self.ui.progressBar.value = round(100 * self._job.fraction)
+        self.ui.statusLabel.text = self._job.message
+        self.ui.summaryLabel.text = self._job.summary
+        if ended:
+            self._pollTimer.stop()
+            self._job = None
+        self._updateButtons()
+
+
+class LungUDRNetTrainerLogic(ScriptedLoadableModuleLogic):
+    """Only the parameter node: the training itself is ``LungUDRNetTrainerLib.process.TrainingProcess``."""
+
+    def getParameterNode(self):
+        return LungUDRNetTrainerParameterNode(super().getParameterNode())
+
+
+class LungUDRNetTrainerTest(ScriptedLoadableModuleTest):
+    """Trains the smoke preset on a generated phantom dataset through the panel."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_panel_trains_a_smoke_run()
+
+    def test_panel_trains_a_smoke_run(self):
+        import tempfile
+        import time
+
+        from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
+
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="LungUDRNetTrainerTest-"))
+        self.delayDisplay("Training the smoke preset on phantom pairs")
+        slicer.util.selectModule("LungUDRNetTrainer")
+        widget = slicer.modules.LungUDRNetTrainerWidget
+        parameters = widget.logic.getParameterNode()
+        parameters.dataFolder = write_toy_learn2reg(folder / "data", cases=4, val_cases=1)
+        parameters.runFolder = folder / "run"
+        parameters.preset, parameters.device, parameters.resume = "smoke", "cpu", False
+        widget.ui.startButton.click()
+        self.assertEqual(widget.ui.startButton.text, "Stop")
+        deadline = time.monotonic() + 600
+        while widget._job is not None:
+            self.assertLess(time.monotonic(), deadline, "training did not finish in 10 minutes")
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertTrue((folder / "run" / "best.pt").is_file(), widget.ui.statusLabel.text)
+        self.assertEqual(widget.ui.progressBar.value, 100)
+        self.delayDisplay(widget.ui.summaryLabel.text)

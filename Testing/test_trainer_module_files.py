@@ -1,0 +1,62 @@
+"""The LungUDRNetTrainer Slicer panel's files agree: widgets, parameter node, CMake list, choices.
+
+The Qt panel cannot run here (no Slicer application); these checks read its sources.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from LungUDRNetTrainerLib.config import FIELDS, PRESETS
+
+MODULE = Path(__file__).resolve().parents[1] / "LungUDRNetTrainer"
+TREE = ast.parse((MODULE / "LungUDRNetTrainer.py").read_text())
+UI = ET.parse(MODULE / "Resources" / "UI" / "LungUDRNetTrainer.ui")
+WIDGET_FOR_TYPE = {"pathlib.Path": "ctkPathLineEdit", "bool": "QCheckBox"}
+
+
+def _parameter_fields() -> dict[str, str]:
+    node_class = next(node for node in ast.walk(TREE)
+                      if isinstance(node, ast.ClassDef) and node.name == "LungUDRNetTrainerParameterNode")
+    return {s.target.id: ast.unparse(s.annotation) for s in node_class.body if isinstance(s, ast.AnnAssign)}
+
+
+def _constant(name: str):
+    assignment = next(n for n in TREE.body if isinstance(n, ast.Assign) and n.targets[0].id == name)
+    return ast.literal_eval(assignment.value)
+
+
+def test_the_panel_uses_only_widgets_of_its_ui_file():
+    widgets = {w.get("name") for w in UI.iter("widget")}
+    used = {node.attr for node in ast.walk(TREE)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"}
+    assert {"startButton", "progressBar", "statusLabel", "summaryLabel"} <= used <= widgets
+
+
+def test_every_parameter_has_one_widget_of_its_type():
+    bound = {}
+    for widget in UI.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = widget.get("class")
+    fields = _parameter_fields()
+    assert set(bound) == set(fields)
+    for name, annotation in fields.items():
+        assert bound[name] == ("QComboBox" if "Choice(" in annotation else WIDGET_FOR_TYPE[annotation]), name
+
+
+def test_the_panel_choices_are_the_trainers():
+    assert set(_constant("PRESETS")) == set(PRESETS)
+    assert _constant("MODELS") == list(FIELDS["model"].metadata["choices"])
+
+
+def test_cmake_lists_every_python_file_and_resource():
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", (MODULE / "CMakeLists.txt").read_text()))
+    # LungUDRNetTrainer.py -> ".py", LungUDRNetTrainerLib/training.py -> "Lib/training.py" (after ${MODULE_NAME})
+    files = {p.relative_to(MODULE).as_posix()[len("LungUDRNetTrainer"):] for p in MODULE.rglob("*.py")}
+    assert {".py", "Lib/training.py"} <= files
+    assert files <= listed, f"not in CMakeLists.txt: {sorted(files - listed)}"
+    assert "Resources/UI/${MODULE_NAME}.ui" in (MODULE / "CMakeLists.txt").read_text()
