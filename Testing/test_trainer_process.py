@@ -40,13 +40,14 @@ def test_stop_writes_a_checkpoint_and_resume_finishes_the_run(toy, tmp_path):
     assert _wait(job)
     assert job.returncode == CancelledError.exit_code, job.log[-5:]
     assert "stopped" in job.message and 0.0 < job.fraction < 1.0
-    assert read_checkpoint(run_dir / "last.pt")["trainer_state"]["progress"]["epoch"] >= 1
+    done = read_checkpoint(run_dir / "last.pt")["trainer_state"]["progress"]["epoch"]
+    assert done >= 1
 
-    arguments = train_arguments(run_dir, device="cpu", resume=True, extra=["--epochs", "2"])
+    arguments = train_arguments(run_dir, device="cpu", resume=True, extra=["--epochs", str(done + 1)])
     job = TrainingProcess(run_dir, arguments, python=sys.executable)
     assert _wait(job)
     assert job.returncode == 0, job.log[-5:]
-    assert job.fraction == 1.0 and job.summary.startswith("epoch 2:") and "best.pt" in job.message
+    assert job.fraction == 1.0 and job.summary.startswith(f"epoch {done + 1}:") and "best.pt" in job.message
 
 
 def test_an_error_of_the_trainer_is_reported_in_one_line(tmp_path):
