@@ -1,11 +1,11 @@
-# The two commands of the README: `make demo` and `make test`.
+# The two commands of the README: `make demo` and `make test` (plus `make bench`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build by default; set TORCH_SPEC=torch (or a CUDA wheel) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install sample-data bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,16 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
+# The real chest CTs (pyradiomics 3.0.1 sample data, BSD-3), cached and checksum-verified.
+sample-data: install
+	$(BIN)/python -m LungUDRNetLib.sample_data
+
+demo: sample-data
 	$(BIN)/lungudrnet demo --out demo_output
 
+# Tests that need the real CTs skip with a reason when the download is not possible.
 test: install
+	-$(BIN)/python -m LungUDRNetLib.sample_data
 	$(BIN)/python -m pytest -q
 
 clean:
