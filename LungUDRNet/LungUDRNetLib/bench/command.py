@@ -12,6 +12,7 @@ import torch
 
 from . import data, tables
 from ..checkpoint import DEFAULT_WEIGHTS
+from ..errors import InputError
 from .evaluate import evaluate
 from .peers import METHODS, Options
 from .runner import Job, run_job
@@ -60,7 +61,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
     methods = QUICK_METHODS if args.quick else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"lungudrnet bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise InputError(f"bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return methods
 
 
@@ -91,6 +92,14 @@ def gpu_network_seconds(shape: tuple[int, int, int] = (192, 192, 208), repeats: 
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
+def _write_outputs(rows: list[dict], machine: dict, notes: list[str], out: Path) -> None:
+    machine = {**machine, "load_average_1m_now": tables.machine_description(machine["threads"])["load_average_1m"]}
+    summary = tables.summarise(rows)
+    tables.write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(tables.markdown(summary, machine, notes))
+    tables.plot_tre_vs_time(summary, out / "tre_vs_time.png")
+
+
 def run_bench(args: argparse.Namespace) -> list[dict]:
     """Run the bench and write results.csv, results.md and tre_vs_time.png into ``args.out``."""
     out = Path(args.out)
@@ -99,6 +108,17 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
     machine = tables.machine_description(args.threads)
     pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
+    notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
+             f"time = read pair, register, warp, write warped image and field (method only: the field "
+             f"computation alone); median of {repeats} runs after {args.warmup} warm-up, {args.threads} threads "
+             f"for every method, each in its own child process",
+             f"udrnet+refine: {options.refine_steps} Adam steps; elastix: Par0011-based, "
+             f"{options.elastix_iterations} iterations per resolution"]
+    if options.weights is None and not DEFAULT_WEIGHTS.is_file():
+        notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
+    gpu = gpu_network_seconds()
+    if gpu is not None:
+        notes.append(f"UDRNet network step on {machine['gpu']} at 192x192x208: {gpu * 1000:.1f} ms (median)")
     rows = []
     for method in _methods(args):
         for pair in pairs:
@@ -111,22 +131,6 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             rows.append(tables.row(method, pair.name, report, result))
             log.info("%-20s %-28s %s", method, pair.name, result.error or f"{result.median_s:.2f} s, "
                      f"TRE {rows[-1]['tre_mean_mm'] or float('nan'):.2f} mm, {result.peak_rss_mb:.0f} MB")
-    machine["load_average_1m_end"] = tables.machine_description(args.threads)["load_average_1m"]
-    notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
-             f"time = read pair, register, warp, write warped image and field (method only: the field "
-             f"computation alone); median of {repeats} runs after "
-             f"{args.warmup} warm-up, {args.threads} threads for every method, each in its own child process",
-             f"udrnet+refine: {options.refine_steps} Adam steps; elastix: Par0011-based, "
-             f"{options.elastix_iterations} iterations per resolution"]
-    if options.weights is None and not DEFAULT_WEIGHTS.is_file():
-        notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
-    gpu = gpu_network_seconds()
-    if gpu is not None:
-        notes.append(f"UDRNet network step on {machine['gpu']} at 192x192x208: {gpu * 1000:.1f} ms (median)")
-        print(notes[-1])
-    summary = tables.summarise(rows)
-    tables.write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(tables.markdown(summary, machine, notes))
-    tables.plot_tre_vs_time(summary, out / "tre_vs_time.png")
+            _write_outputs(rows, machine, notes, out)  # after every row: a stopped bench keeps its results
     print((out / "results.md").read_text())
     return rows
