@@ -235,7 +235,7 @@ def test_jacobian_of_a_linear_field_on_an_oblique_grid(oblique_grid):
     matrix = np.array([[0.10, 0.05, 0.0], [-0.02, 0.20, 0.03], [0.0, 0.01, -0.15]])
     field = sitk.GetImageFromArray(physical_points(oblique_grid) @ matrix.T, isVector=True)
     field.CopyInformation(oblique_grid)
-    np.testing.assert_allclose(synth.jacobian_determinant(field), np.linalg.det(np.eye(3) + matrix), rtol=1e-9)
+    np.testing.assert_allclose(synth.jacobian_determinant(field), np.linalg.det(np.eye(3) + matrix), rtol=1e-5)  # float32 voxel flow
 
 
 def test_no_lungs_is_an_input_error(ct):

@@ -39,8 +39,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from . import metrics
 from .errors import InputError
-from .geometry import direction_matrix, index_to_points
+from .geometry import direction_matrix, field_to_voxel_flow, index_to_points
 
 AIR_HU = -400.0  # below this a voxel counts as air (lung, airway or outside air)
 AIRWAY_HU = -970.0  # airway lumen (trachea, bronchi): nearly pure air, darker than parenchyma
@@ -341,11 +342,11 @@ def _motion_model(body: sitk.Image, lungs: sitk.Image, amplitude_mm: float,
     regular = amplitude_mm * np.stack([*expansion, -si_profile * inner_si], axis=-1)
     random = amplitude_mm * PERTURBATION_FRACTION * _smooth_noise(grid, rng) * inner[..., None]
 
-    jacobian = jacobian_determinant_array(regular + random, (MOTION_SPACING_MM,) * 3)
+    jacobian = _motion_jacobian(regular + random)
     while jacobian.min() < MIN_JACOBIAN:  # too strong for this anatomy: damp the random part first
         random *= 0.5
         regular *= 0.9
-        jacobian = jacobian_determinant_array(regular + random, (MOTION_SPACING_MM,) * 3)
+        jacobian = _motion_jacobian(regular + random)
     field = sitk.GetImageFromArray((regular + random).astype(np.float64), isVector=True)
     field.CopyInformation(grid)
     jacobian_image = sitk.GetImageFromArray(jacobian.astype(np.float32))
@@ -360,23 +361,14 @@ def _smooth_noise(grid: sitk.Image, rng: np.random.Generator) -> np.ndarray:
     return smooth / np.abs(smooth).max(axis=(0, 1, 2))
 
 
-def jacobian_determinant_array(vectors: np.ndarray, spacing: tuple[float, float, float],
-                               direction: np.ndarray | None = None) -> np.ndarray:
-    """det(I + grad u) of a field given as (z, y, x, 3) LPS vectors on a grid (central differences).
-
-    ``spacing`` (x, y, z) mm and ``direction`` (3x3, columns = index axes in LPS; default identity)
-    describe the grid.
-    """
-    # d u / d (index-axis distance), columns ordered i, j, k
-    gradient = np.stack([np.gradient(vectors, spacing[2 - axis], axis=axis) for axis in (2, 1, 0)], axis=-1)
-    linear = np.eye(3) if direction is None else np.asarray(direction)
-    jacobian = gradient @ linear.T + np.eye(3)
-    return np.linalg.det(jacobian)
+def _motion_jacobian(vectors: np.ndarray) -> np.ndarray:
+    """det(I + grad u) of (z, y, x, 3) LPS vectors on the axis-aligned motion grid."""
+    return metrics.jacobian_determinant(np.moveaxis(vectors[..., ::-1], -1, 0), (MOTION_SPACING_MM,) * 3)
 
 
 def jacobian_determinant(field: sitk.Image) -> np.ndarray:
     """det(I + grad u) of a displacement field image (LPS mm) on its own grid, (z, y, x)."""
-    return jacobian_determinant_array(sitk.GetArrayFromImage(field), field.GetSpacing(), direction_matrix(field))
+    return metrics.jacobian_determinant(field_to_voxel_flow(field))
 
 
 # ----------------------------------------------------------------------------- intensities and landmarks
