@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from conftest import shared_data
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.preprocess import PreprocessConfig
 from LungUDRNetLib.warp import warp
-from LungUDRNetTrainerLib.datasets import load_learn2reg, load_pairs_csv, read_points_lps
+from LungUDRNetTrainerLib.datasets import load_learn2reg, load_pairs_csv, load_splits, read_points_lps
 from LungUDRNetTrainerLib.pair_dataset import PairDataset, random_smooth_flow
 from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
 
@@ -64,7 +65,15 @@ def test_missing_files_are_named(tmp_path):
     root = write_toy_learn2reg(tmp_path, cases=2, val_cases=1, size=(20, 18, 16))
     (root / "imagesTr" / "Toy_0002_0001.nii.gz").unlink()
     with pytest.raises(InputError, match=r"val pair Toy_0002: moving image .*Toy_0002_0001.nii.gz not found"):
-        load_learn2reg(root)
+        load_splits(data=root)
+    _rewrite_json(root, registration_test=[{"fixed": "./imagesTs/Toy_0003_0000.nii.gz",
+                                            "moving": "./imagesTs/Toy_0003_0001.nii.gz"}],
+                  registration_val=[{"fixed": "./imagesTr/Toy_0001_0000.nii.gz",
+                                     "moving": "./imagesTr/Toy_0001_0001.nii.gz"}])
+    shutil.copy(root / "imagesTr" / "Toy_0002_0000.nii.gz", root / "imagesTr" / "Toy_0002_0001.nii.gz")
+    assert [p.name for p in load_splits(data=root)["test"]] == ["Toy_0003"]  # test images not needed to train
+    with pytest.raises(InputError, match=r"test pair Toy_0003: fixed image .*imagesTs"):
+        load_splits(data=root, needed=("test",))
     with pytest.raises(InputError, match="folder not found"):
         load_learn2reg(tmp_path / "absent")
 

@@ -19,6 +19,15 @@ from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
 from LungUDRNetTrainerLib.training import stop_on_signals, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The 32^3 networks here gain nothing from a second thread, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """6 phantom pairs (4 training, 2 validation), 40 x 36 x 32 voxels, known smooth deformations."""

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from LungUDRNetLib.checkpoint import read_checkpoint
-from LungUDRNetTrainerLib.config import resolve_config
 from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
-from LungUDRNetTrainerLib.training import train
 
 
 @pytest.fixture(scope="module")
@@ -21,24 +19,29 @@ def toy(tmp_path_factory):
     return write_toy_learn2reg(tmp_path_factory.mktemp("toy"))
 
 
-def test_two_gloo_processes_write_one_run_equal_to_a_single_process_run(toy, tmp_path):
-    run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "LungUDRNetTrainerLib", "train", "--preset", "smoke", "--epochs", "1", "--device", "cpu",
-               "--data", str(toy), "--out", str(run_dir)]
+def _train(launcher: list[str], toy, run_dir) -> subprocess.CompletedProcess:
+    """``launcher -m LungUDRNetTrainerLib train`` with the smoke preset for one epoch, one thread per process."""
+    command = [*launcher, "-m", "LungUDRNetTrainerLib", "train", "--preset", "smoke", "--epochs", "1",
+               "--device", "cpu", "--data", str(toy), "--out", str(run_dir)]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_gloo_processes_write_one_run_equal_to_a_single_process_run(toy, tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], toy, run_dir)
     assert "2 pairs per step = 1 per pass x 1 accumulated x 2 processes" in result.stderr
     assert result.stdout.count("training finished") == 1  # rank 0 only
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv"]
 
-    single = train(resolve_config("smoke", overrides={"data": str(toy), "epochs": 1}), tmp_path / "single")
-    ddp = read_checkpoint(run_dir / "last.pt")
+    _train([sys.executable], toy, tmp_path / "single")
+    ddp, single = read_checkpoint(run_dir / "last.pt"), read_checkpoint(tmp_path / "single" / "last.pt")
     history = ddp["trainer_state"]["progress"]["history"]
     assert [row["epoch"] for row in history] == [0, 1]
-    for ours, theirs in zip(history, single.history):
+    for ours, theirs in zip(history, single["trainer_state"]["progress"]["history"]):
         assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4)
-    weights = read_checkpoint(tmp_path / "single" / "last.pt")["state_dict"]
+    weights = single["state_dict"]
     for name, value in ddp["state_dict"].items():
         torch.testing.assert_close(value, weights[name], rtol=1e-3, atol=1e-5)

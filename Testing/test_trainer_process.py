@@ -13,6 +13,12 @@ from LungUDRNetTrainerLib.process import TrainingProcess, train_arguments
 from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One thread per training process: tiny networks, and a busy machine must not slow them down."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return write_toy_learn2reg(tmp_path_factory.mktemp("toy"), cases=3, val_cases=1)

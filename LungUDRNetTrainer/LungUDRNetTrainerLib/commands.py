@@ -11,7 +11,7 @@ from pathlib import Path
 
 from LungUDRNetLib.errors import InputError
 
-from .config import PRESETS, add_config_arguments, overrides_from_args, read_run_config, resolve_config
+from .config import PRESETS, TrainConfig, add_config_arguments, overrides_from_args, read_run_config, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from .datasets import load_splits
     from .evaluate import evaluate_models
 
-    pairs = load_splits(args.data, args.pairs, val_fraction=0.0)[args.split]
+    # The default hold-out, so that --split val means the pairs a training run validated on.
+    pairs = load_splits(args.data, args.pairs, TrainConfig().val_fraction, needed=(args.split,))[args.split]
     if not pairs:
         raise InputError(f"data {args.data or args.pairs}: no {args.split} pairs")
     table = evaluate_models(args.model, pairs, Path(args.out), device=args.device, overwrite=args.overwrite)

@@ -174,7 +174,7 @@ def load_learn2reg(root: str | Path, val_fraction: float = 0.2) -> dict[str, lis
         "val": _pairs_from_entries(root, val_entries, "registration_val", mask_of),
         "test": _pairs_from_entries(root, info.get("registration_test", []), "registration_test", mask_of),
     }
-    return _checked(hold_out_validation(splits, val_fraction), root)
+    return hold_out_validation(splits, val_fraction)
 
 
 def load_pairs_csv(path: str | Path, val_fraction: float = 0.2) -> dict[str, list[PairRecord]]:
@@ -207,15 +207,22 @@ def load_pairs_csv(path: str | Path, val_fraction: float = 0.2) -> dict[str, lis
             name=cells.get("name", pair_name(file["fixed"], file["moving"])),
             fixed=file["fixed"], moving=file["moving"], fixed_mask=file["fixed_mask"],
             moving_mask=file["moving_mask"], points=points))
-    return _checked(hold_out_validation(splits, val_fraction), path)
+    return hold_out_validation(splits, val_fraction)
 
 
-def load_splits(data: str | Path | None = None, pairs: str | Path | None = None,
-                val_fraction: float = 0.2) -> dict[str, list[PairRecord]]:
-    """Pairs from a Learn2Reg folder (``data``) or a pairs CSV (``pairs``): exactly one of them."""
+def load_splits(data: str | Path | None = None, pairs: str | Path | None = None, val_fraction: float = 0.2,
+                needed: tuple[str, ...] = ("train", "val")) -> dict[str, list[PairRecord]]:
+    """Pairs from a Learn2Reg folder (``data``) or a pairs CSV (``pairs``): exactly one of them.
+
+    Every file of the ``needed`` splits must exist (InputError naming the first missing one); the
+    other splits are returned unchecked (Learn2Reg lists test images that may not be downloaded).
+    """
     if (data is None) == (pairs is None):
         raise InputError("data: give either a Learn2Reg dataset folder (--data) or a pairs CSV (--pairs)")
-    return load_learn2reg(data, val_fraction) if data is not None else load_pairs_csv(pairs, val_fraction)
+    splits = load_learn2reg(data, val_fraction) if data is not None else load_pairs_csv(pairs, val_fraction)
+    for split in needed:
+        check_files(splits[split], split, Path(data if data is not None else pairs))
+    return splits
 
 
 def hold_out_validation(splits: dict[str, list[PairRecord]], val_fraction: float) -> dict[str, list[PairRecord]]:
@@ -229,18 +236,16 @@ def hold_out_validation(splits: dict[str, list[PairRecord]], val_fraction: float
     return {**splits, "train": train, "val": val}
 
 
-def _checked(splits: dict[str, list[PairRecord]], source: Path) -> dict[str, list[PairRecord]]:
-    """Raise :class:`InputError` naming the first listed file that does not exist."""
-    for split, pairs in splits.items():
-        for pair in pairs:
-            files = {"fixed image": pair.fixed, "moving image": pair.moving, "fixed mask": pair.fixed_mask,
-                     "moving mask": pair.moving_mask}
-            files.update({f"{kind} ({side})": p for kind, both in pair.points.items()
-                          for side, p in zip(("fixed", "moving"), both)})
-            for what, file in files.items():
-                if file is not None and not Path(file).is_file():
-                    raise InputError(f"dataset {source}: {split} pair {pair.name}: {what} {file} not found")
-    return splits
+def check_files(pairs: list[PairRecord], split: str, source: Path) -> None:
+    """Raise :class:`InputError` naming the first file of ``pairs`` that does not exist."""
+    for pair in pairs:
+        files = {"fixed image": pair.fixed, "moving image": pair.moving, "fixed mask": pair.fixed_mask,
+                 "moving mask": pair.moving_mask}
+        files.update({f"{kind} ({side})": p for kind, both in pair.points.items()
+                      for side, p in zip(("fixed", "moving"), both)})
+        for what, file in files.items():
+            if file is not None and not Path(file).is_file():
+                raise InputError(f"dataset {source}: {split} pair {pair.name}: {what} {file} not found")
 
 
 def read_points_lps(path: str | Path, image: sitk.Image) -> np.ndarray:

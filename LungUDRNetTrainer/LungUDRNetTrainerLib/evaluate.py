@@ -146,6 +146,20 @@ def model_label(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
+def evaluate_checkpoint(checkpoint: str | Path, pairs: list[PairRecord], device: str = "auto") -> dict:
+    """Rows and summary of one checkpoint: ``label``, ``name`` (the method), ``attention``, ``rows``,
+    ``summary``."""
+    net, preprocess, _ = load_model(checkpoint)
+    label = model_label(checkpoint)
+    rows = []
+    for number, pair in enumerate(pairs, start=1):
+        rows.append(evaluate_pair(net, preprocess, pair, device))
+        log.info("[%s %d/%d] %s: NCC %.2f%% -> %.2f%%", label, number, len(pairs), pair.name,
+                 rows[-1]["before_ncc_percent"], rows[-1]["after_ncc_percent"])
+    return {"label": label, "name": MODEL_NAMES["udrnet" if net.config.attention else "voxelmorph"],
+            "attention": net.config.attention, "rows": rows, "summary": summarise(rows)}
+
+
 def evaluate_models(checkpoints: list[str | Path], pairs: list[PairRecord], out_dir: Path, device: str = "auto",
                     overwrite: bool = False) -> str:
     """Evaluate each checkpoint on ``pairs``; write ``pairs_<label>.csv``, ``summary.csv`` and
@@ -159,32 +173,28 @@ def evaluate_models(checkpoints: list[str | Path], pairs: list[PairRecord], out_
         raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
     results = []
     for checkpoint in checkpoints:
-        net, preprocess, _ = load_model(checkpoint)
-        label = model_label(checkpoint)
-        while label in {r["label"] for r in results}:
-            label += "_2"
-        rows = []
-        for number, pair in enumerate(pairs, start=1):
-            rows.append(evaluate_pair(net, preprocess, pair, device))
-            log.info("[%s %d/%d] %s: NCC %.2f%% -> %.2f%%", label, number, len(pairs), pair.name,
-                     rows[-1]["before_ncc_percent"], rows[-1]["after_ncc_percent"])
-        name = MODEL_NAMES["udrnet" if net.config.attention else "voxelmorph"]
-        results.append({"label": label, "name": name, "attention": net.config.attention, "rows": rows,
-                        "summary": summarise(rows)})
+        result = evaluate_checkpoint(checkpoint, pairs, device)
+        while result["label"] in {r["label"] for r in results}:
+            result["label"] += "_2"
+        results.append(result)
     results.sort(key=lambda r: r["attention"])  # the baseline first, as in the paper's Table 3
     names = [r["name"] for r in results]
-    methods = [(f"{r['name']} [{r['label']}]" if names.count(r["name"]) > 1 else r["name"], r["summary"])
-               for r in results]
-    table = summary_table(methods)
-    sections = [f"# Evaluation on {len(pairs)} pairs\n\nMean ± std over pairs.\n\n{table}\n"]
-    sections += [f"## {method}: per pair (before → after)\n\n{pairs_table(r['rows'])}\n"
-                 for (method, _), r in zip(methods, results)]
-    summary_rows = [{"method": method, "pairs": len(pairs),
-                     **{f"{k}_{stat}": v[i] for k, v in summary.items() for i, stat in enumerate(("mean", "std"))}}
-                    for method, summary in methods]
+    for result in results:
+        result["method"] = f"{result['name']} [{result['label']}]" if names.count(result["name"]) > 1 else result["name"]
+    table = summary_table([(r["method"], r["summary"]) for r in results])
+    _write_outputs(out_dir, results, table, len(pairs))
+    return table
+
+
+def _write_outputs(out_dir: Path, results: list[dict], table: str, pair_count: int) -> None:
+    """The per-pair CSVs, the summary CSV and the Markdown report, each written atomically."""
+    sections = [f"# Evaluation on {pair_count} pairs\n\nMean ± std over pairs.\n\n{table}\n"]
+    sections += [f"## {r['method']}: per pair (before → after)\n\n{pairs_table(r['rows'])}\n" for r in results]
+    summary_rows = [{"method": r["method"], "pairs": pair_count,
+                     **{f"{key}_{stat}": value[i] for key, value in r["summary"].items()
+                        for i, stat in enumerate(("mean", "std"))}} for r in results]
     outputs = {f"pairs_{r['label']}.csv": _csv(r["rows"]) for r in results}
     outputs.update({"summary.csv": _csv(summary_rows), "evaluation.md": "\n".join(sections)})
     for file_name, text in outputs.items():
         with atomic_path(out_dir / file_name) as temporary:
             temporary.write_text(text)
-    return table

@@ -230,9 +230,7 @@ class Trainer:
                 loss_sum, samples = loss_sum + total.item() * count, samples + count
                 if not ends_step:
                     continue
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step()
                 step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{total.item():.4f}")
@@ -245,6 +243,12 @@ class Trainer:
                     return None
         loss_sum, samples = distributed.all_sum([loss_sum, samples], self.context)
         return loss_sum / samples
+
+    def _optimizer_step(self) -> None:
+        """Apply the accumulated gradients (unscaled first under fp16) and clear them."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _end_epoch(self, epoch: int, train_loss: float | None, started: float) -> None:
         """Validate, update early stopping, write checkpoints and the log."""
