@@ -48,13 +48,13 @@ def test_jacobian_of_linear_fields():
     matrix = np.array([[0.2, 0.1, 0.0], [0.0, -0.3, 0.05], [0.1, 0.0, 0.4]])
     field = np.stack([sum(matrix[r, c] * grids[c] for c in range(3)) for r in range(3)])
     det = metrics.jacobian_determinant(field)
-    np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + matrix), rtol=1e-9)
+    np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + matrix), rtol=1e-5)  # float32
     # In mm with spacing 2: the same displacement (in mm) varies half as fast per mm.
     np.testing.assert_allclose(metrics.jacobian_determinant(field, (2.0, 2.0, 2.0)),
-                               np.linalg.det(np.eye(3) + matrix / 2), rtol=1e-9)
+                               np.linalg.det(np.eye(3) + matrix / 2), rtol=1e-5)
     stats = metrics.jacobian_statistics(field)
     assert stats["folding_percent"] == 0.0
-    assert stats["sdlogj"] == pytest.approx(0.0, abs=1e-9)
+    assert stats["sdlogj"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_folding_is_counted_and_excluded_from_sdlogj():

@@ -15,14 +15,6 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from .checkpoint import DEFAULT_WEIGHTS, untrained_model
-from .figure import save_registration_figure
-from .outputs import check_output_dir, write_result
-from .registration import register
-from .report import registration_report
-from .sample_data import load_sample_ct
-from .synth import learn2reg_like_grid, make_breathing_pair
-
 log = logging.getLogger(__name__)
 
 DEMO_CT = "lung2"
@@ -47,6 +39,15 @@ def field_error_mm(predicted: sitk.Image, truth: sitk.Image, mask: sitk.Image) -
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    # Imported here so that `lungudrnet register` does not pay for matplotlib, scipy and the generator.
+    from .checkpoint import DEFAULT_WEIGHTS, untrained_model
+    from .figure import save_registration_figure
+    from .outputs import check_output_dir, write_result
+    from .registration import register
+    from .report import registration_report
+    from .sample_data import load_sample_ct
+    from .synth import learn2reg_like_grid, make_breathing_pair
+
     started = time.perf_counter()
     out_dir = check_output_dir(args.out, [], overwrite=True)
     ct = load_sample_ct(DEMO_CT)

@@ -47,14 +47,13 @@ def learn2reg_tre(fixed_points_vox: np.ndarray, moving_points_vox: np.ndarray, f
 
 def jacobian_determinant(field: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """det(I + grad u) per voxel of a field (3, A0, A1, A2) whose component c displaces along array
-    axis c, in the same length unit as ``spacing`` (central differences)."""
-    field = np.asarray(field, dtype=np.float64)
-    jac = np.empty(field.shape[1:] + (3, 3))
-    for component in range(3):
-        gradients = np.gradient(field[component], *spacing)
-        for axis in range(3):
-            jac[..., component, axis] = gradients[axis] + (component == axis)
-    return np.linalg.det(jac)
+    axis c, in the same length unit as ``spacing`` (central differences, float32)."""
+    field = np.asarray(field, dtype=np.float32)
+    # j[r][c] = d u_r / d x_c + delta_rc
+    j = [[g + (r == c) for c, g in enumerate(np.gradient(field[r], *spacing))] for r in range(3)]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
 def jacobian_statistics(field: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
