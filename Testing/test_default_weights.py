@@ -1,0 +1,57 @@
+"""The bundled default weights register a fresh breathing pair from a CT they were not trained on.
+
+The pair is made from the real ``lung2`` CT (held out from training, which used ``lung1`` only) with a
+seed and amplitude that neither the training nor the validation set used. An untrained network must
+fail the same bound, so the test measures the weights, not the pipeline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, untrained_model
+from LungUDRNetLib.geometry import transform_points
+from LungUDRNetLib.metrics import jacobian_statistics, target_registration_error
+from LungUDRNetLib.geometry import field_to_voxel_flow
+from LungUDRNetLib.registration import register
+from LungUDRNetLib.sample_data import SampleDataError, default_cache_dir, sample_ct_paths
+from LungUDRNetLib.synth import make_breathing_pair, resample_to_grid
+
+TRE_RATIO_BOUND = 0.5  # mean TRE after / before
+FOLDING_BOUND_PERCENT = 1.0
+
+
+@pytest.fixture(scope="module")
+def held_out_pair():
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"no bundled weights at {DEFAULT_WEIGHTS.name}")
+    try:
+        paths = sample_ct_paths()
+    except SampleDataError:
+        pytest.skip(f"sample CTs not in {default_cache_dir()} (run: python -m LungUDRNetLib.sample_data)")
+    import SimpleITK as sitk
+    ct = resample_to_grid(sitk.ReadImage(str(paths["lung2"])), (134, 96, 146), (2.5, 2.5, 2.5))
+    return make_breathing_pair(ct, seed=777, amplitude_mm=14.0)
+
+
+def _tre_ratio_and_folding(pair, model) -> tuple[float, float]:
+    result = register(pair.fixed, pair.moving, model=model, device="cpu", fixed_mask=pair.fixed_mask)
+    before = target_registration_error(pair.fixed_points, pair.moving_points).mean()
+    after = target_registration_error(transform_points(pair.fixed_points, result.displacement),
+                                      pair.moving_points).mean()
+    folding = jacobian_statistics(field_to_voxel_flow(result.displacement))["folding_percent"]
+    return after / before, folding
+
+
+def test_default_weights_halve_the_tre_without_folding(held_out_pair):
+    ratio, folding = _tre_ratio_and_folding(held_out_pair, DEFAULT_WEIGHTS)
+    assert ratio <= TRE_RATIO_BOUND, f"mean TRE after/before = {ratio:.2f}"
+    assert folding < FOLDING_BOUND_PERCENT
+
+
+def test_an_untrained_network_does_not_meet_the_bound(held_out_pair):
+    _, preprocess, _ = load_model(DEFAULT_WEIGHTS)
+    ratio, _ = _tre_ratio_and_folding(held_out_pair, untrained_model(preprocess)[0])
+    assert ratio > TRE_RATIO_BOUND
+    assert np.isclose(ratio, 1.0, atol=0.05)
