@@ -10,6 +10,7 @@ so that the others run without them. Thread counts are set by the runner
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,14 @@ def elastix_bspline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> 
     fixed_itk, moving_itk = _to_itk(fixed, itk), _to_itk(moving, itk)
     _, transform = itk.elastix_registration_method(fixed_itk, moving_itk, parameter_object=elastix_parameters(
         itk, options.elastix_iterations), log_to_console=False)
-    field = itk.transformix_deformation_field(moving_itk, transform)  # on the fixed grid, fixed -> moving
+    # transformix also writes deformationField.nii into the working folder: keep that in a scratch folder.
+    working_folder = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="lungudrnet-transformix-") as scratch:
+        os.chdir(scratch)
+        try:
+            field = itk.transformix_deformation_field(moving_itk, transform)  # on the fixed grid, fixed -> moving
+        finally:
+            os.chdir(working_folder)
     return _field_like(itk.array_from_image(field), fixed)
 
 
