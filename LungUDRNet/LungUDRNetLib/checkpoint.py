@@ -41,10 +41,14 @@ def save_checkpoint(path: str | os.PathLike, model: UDRNet, preprocess: Preproce
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint dictionary safely, checking its format version."""
     path = Path(path)
-    if path.is_dir() and (path / "best.pt").is_file():
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise ModelError(f"model {path}: folder holds no best.pt; pass a checkpoint file or a training run folder")
         path = path / "best.pt"
     if not path.is_file():
         raise ModelError(f"model {path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"model {path}: permission denied (not readable); check the file's permissions")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, unpickling refused, ...
@@ -53,6 +57,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state or "model_config" not in state:
         raise ModelError(f"model {path}: not a LungUDRNet checkpoint (no model_config/state_dict)")
     version = state.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ModelError(f"model {path}: format version {version!r} is not a number; not a LungUDRNet checkpoint")
     if version > FORMAT_VERSION:
         raise ModelError(f"model {path}: checkpoint format {version} is newer than this LungUDRNet "
                          f"supports ({FORMAT_VERSION}); update LungUDRNet")
@@ -64,13 +70,16 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, Preproces
 
     Returns ``(model in eval mode on CPU, preprocessing config, metadata)``.
     """
+    if path is None and not DEFAULT_WEIGHTS.is_file():
+        raise ModelError(f"model: the bundled weights ({DEFAULT_WEIGHTS.name}) are not in this installation; "
+                         "pass --model CHECKPOINT (e.g. one trained with `lungudrnet train`)")
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     state = read_checkpoint(path)
     try:
         model = UDRNet(UDRNetConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["state_dict"])
         preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
-    except (TypeError, KeyError, ValueError, RuntimeError) as error:
+    except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ModelError(f"model {path}: weights do not match its architecture config ({reason[:200]})") from None
     metadata = dict(state.get("metadata", {}))

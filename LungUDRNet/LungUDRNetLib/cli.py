@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import CancelledError, LungUDRNetError
+from .errors import CancelledError, LungUDRNetError, ResourceError
 
 log = logging.getLogger("LungUDRNetLib")
 
@@ -28,25 +28,38 @@ def add_register_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid)")
     parser.add_argument("--moving-mask", help="lung mask of the moving image (for the Dice in metrics.json)")
+    parser.add_argument("--fixed-series", metavar="UID", help="SeriesInstanceUID to read when --fixed is a DICOM "
+                                                              "folder with several series")
+    parser.add_argument("--moving-series", metavar="UID", help="the same for --moving")
+    parser.add_argument("--max-memory", metavar="SIZE", help="refuse to start if the estimated peak memory exceeds "
+                                                             "SIZE, e.g. 8G or 512M (default: the available memory)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.set_defaults(run=run_register)
 
 
 def run_register(args: argparse.Namespace) -> None:
-    from .io import read_image
+    from .checkpoint import load_model
+    from .io import read_image, read_image_header
     from .outputs import check_output_dir, write_result
-    from .registration import register
+    from .preprocess import mask_on_image_grid
+    from .registration import check_register_memory, register
     from .report import registration_report
 
-    out_dir = check_output_dir(args.out, [args.fixed, args.moving, args.fixed_mask, args.moving_mask],
-                               args.overwrite)
-    fixed = read_image(args.fixed, "fixed image")
-    moving = read_image(args.moving, "moving image")
-    fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
-    moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
-    result = register(fixed, moving, model=args.model, device=args.device, fixed_mask=fixed_mask,
-                      moving_mask=moving_mask, progress=_print_progress)
-    report = registration_report(fixed, moving, result, fixed_mask, moving_mask)
+    paths = {"fixed image": args.fixed, "moving image": args.moving, "fixed mask": args.fixed_mask,
+             "moving mask": args.moving_mask}
+    paths = {what: path for what, path in paths.items() if path is not None}
+    series = {"fixed image": args.fixed_series, "moving image": args.moving_series}
+    out_dir = check_output_dir(args.out, list(paths.values()), args.overwrite)
+    headers = {what: read_image_header(path, what, series.get(what)) for what, path in paths.items()}
+    model = load_model(args.model)
+    check_register_memory(headers, model[0], model[1], args.max_memory, report=True)
+    images = {what: read_image(path, what, series.get(what)) for what, path in paths.items()}
+    fixed, moving = images["fixed image"], images["moving image"]
+    masks = {what: mask_on_image_grid(images[what], image, what)
+             for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
+    result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
+                      moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory)
+    report = registration_report(fixed, moving, result, masks.get("fixed mask"), masks.get("moving mask"))
     write_result(result, report, out_dir)
     _print_summary(report, out_dir)
 
@@ -77,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(subparsers)
     from LungUDRNetTrainerLib.commands import add_parsers as add_trainer_parsers
     add_trainer_parsers(subparsers)
+    from .bench.command import add_parser as add_bench_parser
+    add_bench_parser(subparsers)
     return parser
 
 
@@ -94,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lungudrnet: interrupted; no partial output was kept", file=sys.stderr)
         return CancelledError.exit_code
+    except MemoryError:
+        print("lungudrnet: error: ran out of memory; close other programs, or crop or downsample the images "
+              "(see --max-memory)", file=sys.stderr)
+        return ResourceError.exit_code
     except LungUDRNetError as error:
         print(f"lungudrnet: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -92,35 +92,36 @@ def field_to_voxel_flow(field: sitk.Image) -> np.ndarray:
     return np.stack([index_vectors[..., 2], index_vectors[..., 1], index_vectors[..., 0]]).astype(np.float32)
 
 
-def resample_field(field: sitk.Image, reference: sitk.Image) -> sitk.Image:
+def resample_field(field: sitk.Image, reference: sitk.Image,
+                   pixel_type: int = sitk.sitkVectorFloat64) -> sitk.Image:
     """Linearly resample a physical (LPS mm) field onto ``reference``'s grid.
 
     Points outside the field's grid take the nearest edge vector, so a field
     computed on a cropped region continues smoothly rather than dropping to 0.
+    ``pixel_type`` VectorFloat32 halves the memory of a large result.
     """
     return sitk.Resample(
         sitk.Cast(field, sitk.sitkVectorFloat64), reference, sitk.Transform(), sitk.sitkLinear,
-        0.0, sitk.sitkVectorFloat64, True,
+        0.0, pixel_type, True,
     )
 
 
 def field_to_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
-    """A ``DisplacementFieldTransform`` over a private copy of ``field`` (which stays intact)."""
-    copy = sitk.GetImageFromArray(sitk.GetArrayFromImage(field).astype(np.float64), isVector=True)
-    copy.CopyInformation(field)
-    return sitk.DisplacementFieldTransform(copy)
+    """A ``DisplacementFieldTransform`` over a private float64 copy of ``field`` (which stays intact)."""
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
 def warp_image(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.sitkLinear,
-               default_value: float | None = None) -> sitk.Image:
+               default_value: float | None = None, transform: sitk.Transform | None = None) -> sitk.Image:
     """Resample ``moving`` at ``p + u(p)`` for every point p of ``field``'s grid.
 
     ``default_value`` fills points that fall outside ``moving``; by default the
-    minimum of ``moving`` (air for CT, background for masks).
+    minimum of ``moving`` (air for CT, background for masks). ``transform``
+    is ``field_to_transform(field)`` when the caller has built it already.
     """
     if default_value is None:
         default_value = float(np.min(sitk.GetArrayViewFromImage(moving)))
-    return sitk.Resample(moving, field, field_to_transform(field), interpolator, default_value,
+    return sitk.Resample(moving, field, transform or field_to_transform(field), interpolator, default_value,
                          moving.GetPixelID())
 
 

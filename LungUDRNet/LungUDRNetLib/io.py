@@ -1,18 +1,26 @@
 """Reading and writing images, displacement fields, points and reports.
 
-Every writer is atomic: it writes a temporary file beside the target and
-renames it into place, so a crash or Ctrl-C never leaves a partial output, and
-it refuses to replace a file it was asked to read.
+Readers check what they read and raise :class:`~.errors.InputError` naming the
+file and the problem: missing, unreadable, not an image, truncated, not a 3D
+scalar volume, an ambiguous DICOM folder. Every ``write_*`` function is
+atomic: it writes a temporary file beside the target and renames it into
+place, so a crash, a full disk or Ctrl-C never leaves a partial output
+(:func:`atomic_paths` does the same for several files at once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import json
 import os
+import re
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +31,33 @@ from .geometry import index_to_ras_matrix, lps_to_ras
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_INTENT_DISPVECT = 1006
+MIN_AXIS_VOXELS = 2  # fewer voxels along an axis is a slice, not a volume
+TRUNCATED = ("the voxel data are truncated or corrupt (the header was read, the voxels were not); "
+             "copy or export the file again")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image header tells before the voxels are read: size (x, y, z voxels) and voxel type."""
+
+    size: tuple[int, ...]
+    components: int = 1
+    component_bytes: int = 4
+
+    @property
+    def voxels(self) -> int:
+        """Number of voxels."""
+        return int(np.prod(self.size, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the voxels in memory."""
+        return self.voxels * self.components * self.component_bytes
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "ImageHeader":
+        """The header of an image in memory."""
+        return cls(tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel(), image.GetSizeOfPixelComponent())
 
 
 def _suffix(path: Path) -> str:
@@ -30,82 +65,202 @@ def _suffix(path: Path) -> str:
     return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), path.suffix.lower())
 
 
-def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+def read_image(path: str | os.PathLike, what: str = "image", series_uid: str | None = None) -> sitk.Image:
     """Read a 3D scalar image (NIfTI, NRRD, MetaImage or a DICOM series folder).
 
     Origin, spacing and direction are kept (LPS). ``what`` names the input in
-    error messages ("fixed image", "moving mask", ...).
+    error messages ("fixed image", "moving mask", ...); ``series_uid`` picks
+    one series of a DICOM folder that holds several. The header is checked
+    before the voxels are read.
     """
     path = Path(path)
+    files = _image_files(path, what, series_uid)
+    _read_header(files, path, what)
+    if _suffix(path) in (".nii", ".nii.gz") and not _nifti_data_complete(path):
+        raise InputError(f"{what} {path}: {TRUNCATED}")
+    try:
+        return sitk.ReadImage(files if path.is_dir() else files[0])
+    except RuntimeError:
+        raise InputError(f"{what} {path}: {TRUNCATED}") from None
+
+
+def read_image_header(path: str | os.PathLike, what: str = "image", series_uid: str | None = None) -> ImageHeader:
+    """Size and voxel type of an image file or DICOM folder, checked, without reading its voxels."""
+    path = Path(path)
+    return _read_header(_image_files(path, what, series_uid), path, what)
+
+
+def _image_files(path: Path, what: str, series_uid: str | None) -> list[str]:
+    """The file(s) holding the image: ``[path]``, or the slices of one DICOM series of the folder."""
     if not path.exists():
         raise InputError(f"{what} {path}: file not found")
-    if path.is_dir():
-        image = _read_dicom_series(path, what)
-    else:
-        if not os.access(path, os.R_OK):
-            raise InputError(f"{what} {path}: permission denied (not readable)")
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-            raise InputError(f"{what} {path}: cannot be read as an image ({reason})") from None
-    check_scalar_3d(image, f"{what} {path}")
-    return image
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise InputError(f"{what} {path}: permission denied (not readable); check the file's permissions")
+    return _dicom_series_files(path, what, series_uid) if path.is_dir() else [str(path)]
 
 
-def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+def _dicom_series_files(folder: Path, what: str, series_uid: str | None) -> list[str]:
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise InputError(f"{what} {folder}: folder holds no DICOM series")
-    if len(series) > 1:
-        raise InputError(f"{what} {folder}: folder holds {len(series)} DICOM series "
-                         f"({', '.join(series)}); pass a folder with one series")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+        raise InputError(f"{what} {folder}: folder holds no DICOM series; pass an image file (NIfTI, NRRD, "
+                         "MetaImage) or a folder of DICOM slices")
+    if series_uid is None and len(series) == 1:
+        series_uid = series[0]
+    if series_uid not in series:
+        listing = "; ".join(f"{uid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} "
+                            "slices)" for uid in series)
+        problem = (f"holds no DICOM series {series_uid}" if series_uid
+                   else f"holds {len(series)} DICOM series")
+        raise InputError(f"{what} {folder}: folder {problem}: {listing}; choose one by its SeriesInstanceUID "
+                         "(--fixed-series/--moving-series, or series_uid=)")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def _read_header(files: list[str], path: Path, what: str) -> ImageHeader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"{what} {path}: cannot be read as an image ({_itk_reason(error)})") from None
+    size = reader.GetSize() if len(files) == 1 else (*reader.GetSize()[:2], len(files))
+    component_bytes = sitk.Image([1] * 3, reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+    header = ImageHeader(tuple(size), reader.GetNumberOfComponents(), component_bytes)
+    check_header(header, f"{what} {path}")
+    return header
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The last line of a SimpleITK exception, without ITK's prefixes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else "unknown error"
+    if "Unable to determine ImageIO reader" in reason:
+        return "not a NIfTI, NRRD, MetaImage or DICOM file, or its header is corrupt"
+    return re.sub(r"^(sitk::ERROR: |ITK ERROR: \w+\(0x[0-9a-fA-F]+\): )", "", reason)
+
+
+def _nifti_data_complete(path: Path) -> bool:
+    """Whether a NIfTI file holds all the voxel bytes its header promises.
+
+    ITK reads a truncated NIfTI file without complaint (the missing voxels
+    become 0), so this is checked first: the uncompressed size must reach the
+    end of the voxel data. For ``.nii.gz`` the gzip trailer (uncompressed size
+    modulo 2^32) answers at once; otherwise the stream is decompressed and counted.
+    """
+    try:
+        proxy = nib.load(str(path)).dataobj
+    except Exception:  # nibabel's many header errors; ITK read the header, so the data are what is in question
+        return False
+    needed = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    if _suffix(path) == ".nii":
+        return path.stat().st_size >= needed
+    with path.open("rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        if int.from_bytes(handle.read(4), "little") == needed % 2 ** 32:
+            return True
+    return _gunzipped_size(path) >= needed
+
+
+def _gunzipped_size(path: Path) -> int:
+    """Uncompressed bytes of a gzip file (all members), or -1 if the stream is truncated or corrupt."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return -1
+    return total
+
+
+def check_header(header: ImageHeader, what: str) -> None:
+    """Raise :class:`InputError` unless the image is 3D, scalar and at least 2 voxels along every axis."""
+    if len(header.size) != 3:
+        raise InputError(f"{what}: is {len(header.size)}D, a 3D image is needed")
+    if header.components != 1:
+        raise InputError(f"{what}: has {header.components} components per voxel "
+                         "(a vector/colour image or a displacement field); a scalar CT image is needed")
+    if min(header.size) < MIN_AXIS_VOXELS:
+        raise InputError(f"{what}: is {'x'.join(map(str, header.size))} voxels; a 3D volume needs at least "
+                         f"{MIN_AXIS_VOXELS} voxels along every axis (a single slice cannot be registered in 3D)")
 
 
 def check_scalar_3d(image: sitk.Image, what: str) -> None:
-    """Raise :class:`InputError` unless ``image`` is a 3D single-component image."""
-    if image.GetDimension() != 3:
-        raise InputError(f"{what}: is {image.GetDimension()}D, a 3D image is needed")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{what}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
-                         "(a vector/colour image or a displacement field); a scalar CT image is needed")
+    """Raise :class:`InputError` unless ``image`` is a 3D single-component volume (see :func:`check_header`)."""
+    check_header(ImageHeader.of(image), what)
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: Sequence[str | os.PathLike], overwrite: bool = True) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``targets``; on success rename them all into place.
+
+    All or nothing: on any exception (a failed write, a full disk, Ctrl-C)
+    every temporary file is removed and no target is created or replaced;
+    a failure while renaming removes the targets already renamed. Writer
+    errors (``OSError``: disk full, permission denied) become :class:`OutputError`.
+    """
+    targets = [Path(target) for target in targets]
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise OutputError(f"output {target}: already exists (use --overwrite to replace it)")
+        if not target.parent.is_dir():
+            raise OutputError(f"output {target}: folder {target.parent} does not exist")
+    where = targets[0] if len(targets) == 1 else targets[0].parent
+    temporaries: list[Path] = []
+    try:
+        for target in targets:
+            handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{_suffix(target)}",
+                                                 dir=target.parent)
+            os.close(handle)
+            temporaries.append(Path(temporary))
+        yield temporaries
+        _rename_all(temporaries, targets)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(f"output {where}: write failed ({reason}); check free disk space and permissions") from None
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+
+
+def _rename_all(sources: list[Path], targets: list[Path]) -> None:
+    """Rename each source onto its target; if interrupted, remove the targets renamed so far."""
+    done: list[Path] = []
+    try:
+        for source, target in zip(sources, targets):
+            os.replace(source, target)
+            done.append(target)
+    except BaseException:
+        for target in done:
+            target.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
-
-    On any exception the temporary file is removed and ``target`` is untouched.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputError(f"output {target}: already exists (use --overwrite to replace it)")
-    if not target.parent.is_dir():
-        raise OutputError(f"output {target}: folder {target.parent} does not exist")
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{_suffix(target)}",
-                                             dir=target.parent)
-    except OSError as error:
-        raise OutputError(f"output {target}: cannot write in {target.parent} ({error.strerror})") from None
-    os.close(handle)
-    temporary = Path(temporary)
-    try:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success (see :func:`atomic_paths`)."""
+    with atomic_paths([target], overwrite) as (temporary,):
         yield temporary
-        os.replace(temporary, target)
-    except OSError as error:
-        raise OutputError(f"output {target}: write failed ({error.strerror})") from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write a scalar image atomically (format from the file extension), compressed."""
     with atomic_path(path, overwrite) as temporary:
-        sitk.WriteImage(image, str(temporary), True)
+        save_image(image, temporary)
     return Path(path)
+
+
+def save_image(image: sitk.Image, path: Path) -> None:
+    """Write a scalar image, compressed (not atomic: see :func:`write_image`)."""
+    _sitk_write(image, path)
+
+
+def _sitk_write(image: sitk.Image, path: Path) -> None:
+    """``sitk.WriteImage`` (compressed) raising ``OSError``, as other writers do, when the file cannot be written."""
+    try:
+        sitk.WriteImage(image, str(path), True)
+    except RuntimeError as error:
+        raise OSError(errno.EIO, _itk_reason(error)) from None
 
 
 def write_displacement_field(field: sitk.Image, path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -116,16 +271,20 @@ def write_displacement_field(field: sitk.Image, path: str | os.PathLike, overwri
     RAS and the readers convert them back to LPS. Other formats (``.nrrd``,
     ``.mha``) are written by SimpleITK with LPS vectors.
     """
-    path = Path(path)
     with atomic_path(path, overwrite) as temporary:
-        if _suffix(path) in (".nii", ".nii.gz"):
-            _write_nifti_field(field, temporary)
-        else:
-            sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(temporary), True)
-    return path
+        save_displacement_field(field, temporary)
+    return Path(path)
 
 
-def _write_nifti_field(field: sitk.Image, path: Path) -> None:
+def save_displacement_field(field: sitk.Image, path: Path) -> None:
+    """Write a displacement field as :func:`write_displacement_field` does, but not atomically."""
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _save_nifti_field(field, path)
+    else:
+        _sitk_write(sitk.Cast(field, sitk.sitkVectorFloat32), path)
+
+
+def _save_nifti_field(field: sitk.Image, path: Path) -> None:
     vectors_zyx = lps_to_ras(sitk.GetArrayViewFromImage(field)).astype(np.float32)
     data = np.transpose(vectors_zyx, (2, 1, 0, 3))[:, :, :, np.newaxis, :]  # x, y, z, t=1, vector
     affine = index_to_ras_matrix(field)
@@ -154,8 +313,13 @@ def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
 def write_json(data: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path, overwrite) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        save_json(data, temporary)
     return Path(path)
+
+
+def save_json(data: dict, path: Path) -> None:
+    """Write ``data`` as indented JSON, not atomically (see :func:`write_json`)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from .errors import OutputError
-from .io import atomic_path, write_displacement_field, write_image, write_json
+from .io import atomic_paths, save_displacement_field, save_image, save_json
 from .registration import RegistrationResult
 
 RESULT_FILES = ("warped.nii.gz", "displacement.nii.gz", "metrics.json")
 
 
 def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
-    """Refuse results that exist (unless ``overwrite``) or that would replace an input; creates nothing."""
+    """Refuse results that exist (unless ``overwrite``), that would replace an input, or that
+    cannot be written (the folder, or its nearest existing parent, is not writable); creates nothing."""
     out_dir = Path(out_dir)
     targets = [(out_dir / name).resolve() for name in RESULT_FILES]
     for source in inputs:
@@ -25,19 +27,30 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
                 raise OutputError(f"output {target}: already exists (use --overwrite to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output folder {out_dir}: is a file")
+    existing = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {out_dir}: {existing} is not writable (permission denied); "
+                          "choose another --out folder")
     return out_dir
 
 
 def write_result(result: RegistrationResult, report: dict, out_dir: Path) -> dict[str, Path]:
-    """Write warped image, displacement field and metrics; on failure none of them is left behind."""
+    """Write warped image, displacement field and metrics; on failure none of them is left behind,
+    nor the folders this call created."""
+    created = [folder for folder in (out_dir, *out_dir.absolute().parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
     paths = {name: out_dir / name for name in RESULT_FILES}
-    with contextlib.ExitStack() as stack:
-        staged = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}
-        write_image(result.warped, staged["warped.nii.gz"])
-        write_displacement_field(result.displacement, staged["displacement.nii.gz"])
-        write_json(report, staged["metrics.json"])
+    try:
+        with atomic_paths(list(paths.values())) as (warped, displacement, metrics):
+            save_image(result.warped, warped)
+            save_displacement_field(result.displacement, displacement)
+            save_json(report, metrics)
+    except BaseException:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return paths

@@ -18,16 +18,19 @@ Grid modes:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import logging
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import InputError
 from .geometry import direction_matrix, resample_field, voxel_flow_to_field
 
 log = logging.getLogger(__name__)
+
+CT_AIR_RANGE_HU = (-3100.0, -500.0)  # where a CT's minimum lies (air, padding)
+CT_MAX_HU = 40000.0  # far above dense metal
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,48 @@ def replace_non_finite(image: sitk.Image, what: str) -> sitk.Image:
     return result
 
 
+def warn_if_not_ct(image: sitk.Image, what: str) -> None:
+    """Log a warning when ``image`` (finite values) is constant or clearly not CT in Hounsfield units.
+
+    A chest CT has air near -1000 HU (padding down to about -3100 HU) and
+    nothing far above the densest metal; other ranges (MR, [0, 1]- or
+    [0, 255]-scaled images, unscaled DICOM values) are registered, but poorly.
+    """
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        log.warning("%s: is constant (every voxel %g); there is nothing to align, expect a near-zero displacement",
+                    what, low)
+    elif not (CT_AIR_RANGE_HU[0] <= low <= CT_AIR_RANGE_HU[1]) or high > CT_MAX_HU:
+        log.warning("%s: intensities %g to %g do not look like CT in Hounsfield units (air near -1000 HU); "
+                    "the network expects HU: convert the image (e.g. apply the DICOM rescale slope and "
+                    "intercept) or expect a poor registration", what, low, high)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    """Whether two images share size, origin, spacing and direction (to ``tolerance`` mm or cosine)."""
+    return a.GetSize() == b.GetSize() and all(
+        np.allclose(getter(a), getter(b), atol=tolerance, rtol=0)
+        for getter in (sitk.Image.GetOrigin, sitk.Image.GetSpacing, sitk.Image.GetDirection))
+
+
+def mask_on_image_grid(mask: sitk.Image, image: sitk.Image, what: str) -> sitk.Image:
+    """``mask`` on ``image``'s grid: resampled (nearest neighbour) if their geometries differ.
+
+    Raises :class:`InputError` if the mask is empty or does not overlap the image.
+    """
+    if not np.any(sitk.GetArrayViewFromImage(mask) > 0):
+        raise InputError(f"{what}: is empty (no voxel > 0); pass a mask that marks the lungs, or none")
+    if same_geometry(mask, image):
+        return mask
+    log.info("%s: its grid differs from its image's; resampled onto the image's grid", what)
+    mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
+    if not np.any(sitk.GetArrayViewFromImage(mask) > 0):
+        raise InputError(f"{what}: does not overlap its image (no mask voxel inside it); check that the mask "
+                         "belongs to this scan")
+    return mask
+
+
 def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Index-space box (start, size) of ``mask`` on ``reference``'s grid, widened by ``margin_mm``."""
     on_reference = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -130,7 +175,7 @@ def to_grid(image: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLi
     Outside ``image`` the value is its minimum (air for CT, 0 for masks).
     """
     outside = float(np.nanmin(sitk.GetArrayViewFromImage(image)))
-    resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), interpolator,
+    resampled = sitk.Resample(image, grid, sitk.Transform(), interpolator,
                               outside if np.isfinite(outside) else -1000.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(resampled)
 
@@ -143,5 +188,8 @@ def prepare_pair(fixed: sitk.Image, moving: sitk.Image, config: PreprocessConfig
 
 
 def flow_to_fixed_field(flow: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -> sitk.Image:
-    """Inverse of the grid mapping: voxel flow [3, D, H, W] on ``grid`` -> LPS mm field on ``fixed``'s grid."""
-    return resample_field(voxel_flow_to_field(flow, grid), fixed)
+    """Inverse of the grid mapping: voxel flow [3, D, H, W] on ``grid`` -> LPS mm field on ``fixed``'s grid.
+
+    The result is VectorFloat32 (12 bytes per fixed voxel): the fixed grid may be large.
+    """
+    return resample_field(voxel_flow_to_field(flow, grid), fixed, sitk.sitkVectorFloat32)

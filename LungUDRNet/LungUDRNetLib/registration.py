@@ -17,11 +17,13 @@ import SimpleITK as sitk
 import torch
 
 from .checkpoint import load_model
-from .errors import DeviceError, InputError
+from .errors import DeviceError, InputError, ResourceError
 from .geometry import field_to_transform, warp_image
-from .io import read_image
+from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
+from .memory import check_memory, registration_bytes
 from .model import UDRNet
-from .preprocess import PreprocessConfig, flow_to_fixed_field, prepare_pair, replace_non_finite
+from .preprocess import (PreprocessConfig, flow_to_fixed_field, mask_on_image_grid, prepare_pair, replace_non_finite,
+                         warn_if_not_ct)
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,19 @@ def resolve_device(device: str = "auto") -> torch.device:
 def predict_flow(model: UDRNet, fixed: np.ndarray, moving: np.ndarray, device: torch.device) -> np.ndarray:
     """Run the network on normalised (D, H, W) arrays; returns the voxel flow [3, D, H, W] (float32).
 
-    On CUDA out-of-memory the prediction is retried once on the CPU with a warning.
+    On out-of-memory on an accelerator the prediction is retried once on the
+    CPU with a warning (the model is left on the device it ran on); out of
+    memory on the CPU raises :class:`ResourceError`.
     """
     try:
         return _forward(model, fixed, moving, device)
     except torch.OutOfMemoryError:
         if device.type == "cpu":
-            raise
+            raise ResourceError(f"network: ran out of memory on the CPU for a {'x'.join(map(str, fixed.shape))} "
+                                "grid; close other programs or use a model with a smaller grid") from None
         log.warning("out of memory on %s; retrying on the CPU (slower)", device)
-        torch.cuda.empty_cache()
-        return _forward(model, fixed, moving, torch.device("cpu"))
+    torch.cuda.empty_cache()  # here, not in the except block, whose traceback still holds device tensors
+    return predict_flow(model, fixed, moving, torch.device("cpu"))
 
 
 def _forward(model: UDRNet, fixed: np.ndarray, moving: np.ndarray, device: torch.device) -> np.ndarray:
@@ -89,72 +94,117 @@ def _forward(model: UDRNet, fixed: np.ndarray, moving: np.ndarray, device: torch
     return flow[0].float().cpu().numpy()
 
 
-def _as_image(value, what: str) -> sitk.Image | None:
-    if value is None or isinstance(value, sitk.Image):
-        return value
-    return read_image(value, what)
-
-
 def _resolve_model(model, preprocess: PreprocessConfig | None) -> tuple[UDRNet, PreprocessConfig, dict]:
     if isinstance(model, UDRNet):
         return model.eval(), preprocess or PreprocessConfig(), {"path": None}
-    loaded, stored_preprocess, info = load_model(model)
+    if isinstance(model, tuple):
+        loaded, stored_preprocess, info = model
+    else:
+        loaded, stored_preprocess, info = load_model(model)
     return loaded, preprocess or stored_preprocess, info
 
 
+def _header(value, what: str) -> ImageHeader:
+    """The checked header of an image or image file, without reading the file's voxels."""
+    if isinstance(value, sitk.Image):
+        check_scalar_3d(value, what)
+        return ImageHeader.of(value)
+    return read_image_header(value, what)
+
+
+def _ct_image(value, what: str) -> sitk.Image:
+    """A CT input as an image with finite voxels; warns when it does not look like CT."""
+    image = replace_non_finite(value if isinstance(value, sitk.Image) else read_image(value, what), what)
+    warn_if_not_ct(image, what)
+    return image
+
+
+def _mask(value, image: sitk.Image, what: str) -> sitk.Image | None:
+    """An optional mask input on its image's grid (see :func:`mask_on_image_grid`)."""
+    if value is None:
+        return None
+    return mask_on_image_grid(value if isinstance(value, sitk.Image) else read_image(value, what), image, what)
+
+
+def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
+                          max_memory: str | int | None, report: bool = False) -> None:
+    """Refuse (:class:`ResourceError`) a registration whose estimated peak memory exceeds the limit.
+
+    ``headers`` maps "fixed image", "moving image" and any masks to their
+    headers; ``report`` adds the report of ``lungudrnet register`` (see :mod:`.memory`).
+    """
+    fixed, moving = headers["fixed image"], headers["moving image"]
+    masks = tuple(header for name, header in headers.items() if "mask" in name)
+    needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report)
+    size = "x".join(map(str, fixed.size))
+    check_memory(needed, max_memory, f"registration onto the {size}-voxel fixed image")
+
+
 def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, moving_mask=None,
-             preprocess: PreprocessConfig | None = None, progress: Progress | None = None) -> RegistrationResult:
+             preprocess: PreprocessConfig | None = None, progress: Progress | None = None,
+             max_memory: str | int | None = None) -> RegistrationResult:
     """Deformably register ``moving`` onto ``fixed`` (images or file paths).
 
-    ``model`` is a checkpoint path, a :class:`UDRNet`, or None for the bundled
-    weights. ``fixed_mask`` (optional lung mask) focuses the network grid on
-    the mask's bounding box. ``moving_mask`` is only checked here (used for
-    evaluation by the callers). ``progress(fraction, message)`` is called
-    between steps.
+    ``model`` is a checkpoint path, a :class:`UDRNet`, what :func:`load_model`
+    returns, or None for the bundled weights. ``fixed_mask`` (optional lung
+    mask) focuses the network grid on the mask's bounding box;
+    ``moving_mask`` is only checked here (used for evaluation by the
+    callers); masks on another grid than their image are resampled onto it.
+    ``max_memory`` (bytes or e.g. "8G"; default: the memory available now)
+    bounds the estimated peak memory, checked before the voxels are read.
+    ``progress(fraction, message)`` is called between steps.
+
+    Raises the :mod:`.errors` types: :class:`InputError` (unusable image or
+    mask), :class:`ModelError`, :class:`DeviceError`, :class:`ResourceError`.
+    NaN/Inf voxels, constant images and non-CT intensity ranges give warnings
+    (``logging``), and NaN never reaches the outputs.
     """
     report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
-    fixed_image = replace_non_finite(_as_image(fixed, "fixed image"), "fixed image")
-    moving_image = replace_non_finite(_as_image(moving, "moving image"), "moving image")
-    fixed_mask = _as_image(fixed_mask, "fixed mask")
-    _as_image(moving_mask, "moving mask")
-    if fixed_mask is not None and not np.any(sitk.GetArrayViewFromImage(fixed_mask)):
-        raise InputError("fixed mask: is empty (no voxel > 0)")
     net, config, info = _resolve_model(model, preprocess)
     target = resolve_device(device)
+    if min(config.grid_shape) < net.minimum_size:
+        raise InputError(f"network grid {config.grid_shape} is smaller than the network's minimum "
+                         f"{net.minimum_size} voxels per axis")
+    inputs = {"fixed image": fixed, "moving image": moving, "fixed mask": fixed_mask, "moving mask": moving_mask}
+    headers = {what: _header(value, what) for what, value in inputs.items() if value is not None}
+    check_register_memory(headers, net, config, max_memory)
+    fixed_image = _ct_image(fixed, "fixed image")
+    moving_image = _ct_image(moving, "moving image")
+    fixed_mask = _mask(fixed_mask, fixed_image, "fixed mask")
+    _mask(moving_mask, moving_image, "moving mask")
     timings = {"read": time.perf_counter() - started}
 
     report(0.1, "resampling both images onto the network grid")
     step = time.perf_counter()
     grid, fixed_net, moving_net = prepare_pair(fixed_image, moving_image, config, roi_mask=fixed_mask)
-    if min(config.grid_shape) < net.minimum_size:
-        raise InputError(f"network grid {config.grid_shape} is smaller than the network's minimum "
-                         f"{net.minimum_size} voxels per axis")
     timings["preprocess"] = time.perf_counter() - step
 
     report(0.3, f"running UDRNet on {target.type}")
     step = time.perf_counter()
     flow = predict_flow(net, fixed_net, moving_net, target)
+    used = next(net.parameters()).device  # the CPU if predict_flow fell back to it
     timings["network"] = time.perf_counter() - step
 
     report(0.7, "mapping the displacement field to the fixed image grid")
     step = time.perf_counter()
     displacement = flow_to_fixed_field(flow, grid, fixed_image)
+    transform = field_to_transform(displacement)
     timings["field"] = time.perf_counter() - step
 
     report(0.85, "warping the moving image")
     step = time.perf_counter()
-    warped = warp_image(sitk.Cast(moving_image, sitk.sitkFloat32), displacement)
+    warped = warp_image(sitk.Cast(moving_image, sitk.sitkFloat32), displacement, transform=transform)
     timings["warp"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
     report(1.0, "done")
     return RegistrationResult(
         warped=warped,
-        displacement=sitk.Cast(displacement, sitk.sitkVectorFloat32),
-        transform=field_to_transform(displacement),
+        displacement=displacement,
+        transform=transform,
         grid=grid,
         preprocess=config,
-        device=str(target),
+        device=str(used),
         timings=timings,
         model_info=info,
     )
