@@ -122,6 +122,6 @@ def test_cli_refuses_existing_results_without_overwrite(phantom_files, tmp_path,
 def test_console_script_exit_status(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "LungUDRNetLib.cli", "register", "--fixed", "a.nii",
                                 "--moving", "b.nii", "--out", str(tmp_path / "o")],
-                               capture_output=True, text=True, cwd=tmp_path)
+                               capture_output=True, text=True, encoding="utf-8", cwd=tmp_path)
     assert completed.returncode == 2
     assert "fixed image a.nii: file not found" in completed.stderr

@@ -23,7 +23,7 @@ def _train(launcher: list[str], toy, run_dir) -> subprocess.CompletedProcess:
     """``launcher -m LungUDRNetTrainerLib train`` with the smoke preset for one epoch, one thread per process."""
     command = [*launcher, "-m", "LungUDRNetTrainerLib", "train", "--preset", "smoke", "--epochs", "1",
                "--device", "cpu", "--data", str(toy), "--out", str(run_dir)]
-    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, encoding="utf-8",
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

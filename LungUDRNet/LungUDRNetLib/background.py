@@ -44,7 +44,7 @@ class ChildProcess:
     def __init__(self, args: list[str], cwd: Path) -> None:
         no_window = subprocess.CREATE_NO_WINDOW if os.name == "nt" else 0
         self._popen = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       errors="replace", creationflags=no_window)
+                                       encoding="utf-8", errors="replace", creationflags=no_window)
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -100,7 +100,8 @@ def download_sdist(directory: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-build-isolation",
                "--disable-pip-version-check", f"{PACKAGE}=={VERSION}", "-d", str(directory)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                timeout=PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise SampleDataError(f"could not run pip to download {PACKAGE} {VERSION}: {error}") from error
     archives = sorted(directory.glob(f"{PACKAGE}-{VERSION}.tar.gz"))

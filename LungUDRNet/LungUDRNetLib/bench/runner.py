@@ -120,7 +120,8 @@ def run_job(job: Job, timeout_s: float | None = None) -> RunResult:
     env = {**os.environ, **{name: str(job.threads) for name in THREAD_VARIABLES}}
     try:
         completed = subprocess.run([sys.executable, "-m", "LungUDRNetLib.bench.runner", str(job_path)],
-                                   env=env, capture_output=True, text=True, timeout=timeout_s)
+                                   env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                   timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return RunResult(job.method, Path(job.pair).name, error=f"timed out after {timeout_s:g} s")
     if completed.returncode != 0 or not (out / "result.json").is_file():
