@@ -83,3 +83,12 @@ def test_read_points_formats(tmp_path):
     bad.write_text("a,b,c\n")
     with pytest.raises(InputError, match="rows of three numbers"):
         io.read_points(bad)
+
+
+def test_outputs_get_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+    path = io.write_json({"a": 1}, tmp_path / "out.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

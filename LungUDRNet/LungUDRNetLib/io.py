@@ -29,6 +29,9 @@ import SimpleITK as sitk
 from .errors import InputError, OutputError
 from .geometry import index_to_ras_matrix, lps_to_ras
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_INTENT_DISPVECT = 1006
 MIN_AXIS_VOXELS = 2  # fewer voxels along an axis is a slice, not a volume
@@ -212,6 +215,7 @@ def atomic_paths(targets: Sequence[str | os.PathLike], overwrite: bool = True) -
             handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{_suffix(target)}",
                                                  dir=target.parent)
             os.close(handle)
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
             temporaries.append(Path(temporary))
         yield temporaries
         _rename_all(temporaries, targets)
