@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .bench.voxelmorph_net import is_voxelmorph_config
 from .errors import ModelError
 from .io import atomic_path
 from .model import UDRNet, UDRNetConfig
@@ -75,6 +76,9 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, Preproces
                          "pass --model CHECKPOINT (e.g. one trained with `lungudrnet train`)")
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     state = read_checkpoint(path)
+    if is_voxelmorph_config(state["model_config"]):
+        raise ModelError(f"model {path}: holds the voxelmorph package's network (a benchmark baseline), not "
+                         "UDRNet; use it with `lungudrnet bench --voxelmorph-weights`")
     try:
         model = UDRNet(UDRNetConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["state_dict"])

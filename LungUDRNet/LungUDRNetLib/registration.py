@@ -67,7 +67,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise DeviceError(f"device {device!r}: unknown device (use auto, cpu, cuda or mps)") from None
 
 
-def predict_flow(model: UDRNet, fixed: np.ndarray, moving: np.ndarray, device: torch.device) -> np.ndarray:
+def predict_flow(model: torch.nn.Module, fixed: np.ndarray, moving: np.ndarray, device: torch.device) -> np.ndarray:
     """Run the network on normalised (D, H, W) arrays; returns the voxel flow [3, D, H, W] (float32).
 
     On out-of-memory on an accelerator the prediction is retried once on the
@@ -85,7 +85,7 @@ def predict_flow(model: UDRNet, fixed: np.ndarray, moving: np.ndarray, device: t
     return predict_flow(model, fixed, moving, torch.device("cpu"))
 
 
-def _forward(model: UDRNet, fixed: np.ndarray, moving: np.ndarray, device: torch.device) -> np.ndarray:
+def _forward(model: torch.nn.Module, fixed: np.ndarray, moving: np.ndarray, device: torch.device) -> np.ndarray:
     model = model.to(device)
     with torch.inference_mode():
         fixed_t = torch.from_numpy(fixed)[None, None].to(device)

@@ -19,12 +19,14 @@ import yaml
 
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.io import atomic_path
+from LungUDRNetLib.bench.voxelmorph_net import VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNetConfig
 from LungUDRNetLib.preprocess import PreprocessConfig
 
 _MODEL = UDRNetConfig()
 _PREPROCESS = PreprocessConfig()
-MODEL_NAMES = {"udrnet": "UDRNet (3D VoxelMorph + scHAF)", "voxelmorph": "3D VoxelMorph"}
+MODEL_NAMES = {"udrnet": "UDRNet (3D VoxelMorph + scHAF)", "voxelmorph": "3D VoxelMorph",
+               "voxelmorph-package": "VoxelMorph (voxelmorph package)"}
 
 
 def _option(default, help: str, choices: tuple | None = None):
@@ -53,8 +55,10 @@ class TrainConfig:
     roi_margin_mm: float = _option(_PREPROCESS.roi_margin_mm, "margin around the fixed lung mask for "
                                                               "grid_mode fit (mm)")
     # model
-    model: str = _option("udrnet", "udrnet (with scHAF) or voxelmorph (the ablation baseline)",
-                         ("udrnet", "voxelmorph"))
+    model: str = _option("udrnet", "udrnet (with scHAF), voxelmorph (the ablation baseline: UDRNet without "
+                                   "scHAF) or voxelmorph-package (the voxelmorph package's VxmPairwise with "
+                                   "features = encoder channels + bottleneck; a bench peer)",
+                         ("udrnet", "voxelmorph", "voxelmorph-package"))
     encoder_channels: tuple[int, ...] = _option(_MODEL.encoder_channels, "channels per encoder level")
     bottleneck_channels: int = _option(_MODEL.bottleneck_channels, "channels of the deepest decoder level")
     decoder_channels: tuple[int, ...] = _option(_MODEL.decoder_channels, "channels per decoder level")
@@ -80,8 +84,10 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the network (CUDA)")
     deterministic: bool = _option(False, "deterministic algorithms (slower on CUDA)")
 
-    def model_config(self) -> UDRNetConfig:
-        """The network architecture: UDRNet with scHAF, or the VoxelMorph baseline."""
+    def model_config(self) -> UDRNetConfig | VoxelMorphNetConfig:
+        """The network architecture: UDRNet with or without scHAF, or the voxelmorph package's network."""
+        if self.model == "voxelmorph-package":
+            return VoxelMorphNetConfig(features=(*self.encoder_channels, self.bottleneck_channels))
         return UDRNetConfig(encoder_channels=self.encoder_channels, bottleneck_channels=self.bottleneck_channels,
                             decoder_channels=self.decoder_channels, attention=self.model == "udrnet",
                             reduction=self.reduction, integration_steps=self.integration_steps)

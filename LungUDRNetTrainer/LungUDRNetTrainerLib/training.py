@@ -42,6 +42,7 @@ from LungUDRNetLib import metrics
 from LungUDRNetLib.checkpoint import read_checkpoint, save_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError
 from LungUDRNetLib.losses import registration_loss
+from LungUDRNetLib.bench.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
 from LungUDRNetLib.warp import warp
 
@@ -142,6 +143,13 @@ def stop_on_signals(stop: threading.Event):
             signal.signal(signum, handler)
 
 
+def build_network(model_config: UDRNetConfig | VoxelMorphNetConfig) -> torch.nn.Module:
+    """A freshly initialised network for ``model_config`` (UDRNet, or the voxelmorph package's)."""
+    if isinstance(model_config, VoxelMorphNetConfig):
+        return VoxelMorphNet(model_config)
+    return UDRNet(model_config)
+
+
 class Trainer:
     """Model, optimizer, data and progress of one run on one process."""
 
@@ -162,7 +170,7 @@ class Trainer:
                  self.micro_batch, self.accumulation, context.world_size)
 
         seed_everything(config.seed)
-        self.net = UDRNet(config.model_config()).to(context.device)
+        self.net = build_network(config.model_config()).to(context.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.learning_rate)
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp == "fp16")
         self.progress = Progress()
@@ -346,7 +354,7 @@ class Trainer:
         state = read_checkpoint(path)
         if "trainer_state" not in state:
             raise ModelError(f"resume {path}: holds no trainer state (not a last.pt of a training run)")
-        if UDRNetConfig.from_dict(state["model_config"]) != self.net.config:
+        if state["model_config"] != self.net.config.to_dict():
             raise ModelError(f"resume {path}: the configuration's architecture differs from the checkpoint's")
         trainer = state["trainer_state"]
         self.net.load_state_dict(state["state_dict"])

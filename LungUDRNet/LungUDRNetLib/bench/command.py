@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and pair")
     parser.add_argument("--weights", help="UDRNet checkpoint (default: bundled weights)")
     parser.add_argument("--baseline-weights", help="checkpoint of UDRNet(attention=False) trained likewise")
-    parser.add_argument("--voxelmorph-weights", help="state_dict of the voxelmorph package's VxmPairwise")
+    parser.add_argument("--voxelmorph-weights", help="checkpoint of `lungudrnet train --model voxelmorph-package`")
     parser.add_argument("--refine-steps", type=int, default=Options.refine_steps, help="Adam steps of udrnet+refine")
     parser.add_argument("--elastix-iterations", type=int, default=Options.elastix_iterations,
                         help="iterations per resolution of elastix (Par0011 uses 1000)")

@@ -20,12 +20,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..checkpoint import DEFAULT_WEIGHTS, load_model, untrained_model
+from ..checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
 from ..geometry import voxel_flow_to_field
 from ..io import read_displacement_field
-from ..preprocess import flow_to_fixed_field, normalise_ct, prepare_pair
+from ..preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
 from ..refine import refine
 from ..registration import predict_flow
+from .voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 
 Field = sitk.Image
 
@@ -112,23 +113,22 @@ def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options)
 
 
 def voxelmorph_package(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
-    """VoxelMorph from the ``voxelmorph`` package (PyTorch), on our network grid and normalisation.
+    """VoxelMorph from the ``voxelmorph`` package (PyTorch) through our pipeline.
 
-    Weights: a ``state_dict`` file given as ``voxelmorph_weights``; without one the
-    network is freshly initialised (runtime and memory are valid, accuracy is not).
+    Weights: a checkpoint written by ``lungudrnet train --model voxelmorph-package``
+    (its own preprocessing); without one the network is freshly initialised on
+    UDRNet's preprocessing (runtime and memory are valid, accuracy is not).
     """
-    import voxelmorph as vxm
-
-    _, preprocess, _ = _udrnet_model(options.weights)
-    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
-    network = vxm.nn.models.VxmPairwise(ndim=3, source_channels=1, target_channels=1, integration_steps=0)
     if options.voxelmorph_weights:
-        network.load_state_dict(torch.load(options.voxelmorph_weights, map_location="cpu", weights_only=True))
-    with torch.inference_mode():
-        field = network.eval()(torch.from_numpy(moving01)[None, None], torch.from_numpy(fixed01)[None, None],
-                               return_field_type="displacement")
-    flow = field[0] if isinstance(field, torch.Tensor) else field[0][0]
-    return flow_to_fixed_field(flow.float().numpy(), grid, fixed)
+        state = read_checkpoint(options.voxelmorph_weights)
+        network = VoxelMorphNet(VoxelMorphNetConfig.from_dict(state["model_config"]))
+        network.load_state_dict(state["state_dict"])
+        preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
+    else:
+        network, (_, preprocess, _) = VoxelMorphNet(), _udrnet_model(options.weights)
+    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
+    flow = predict_flow(network.eval(), fixed01, moving01, torch.device("cpu"))
+    return flow_to_fixed_field(flow, grid, fixed)
 
 
 def sitk_bspline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
