@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from LungUDRNetLib.bench.command import add_parser
+from LungUDRNetLib.bench.data import tiny_pairs
 from LungUDRNetLib.bench.runner import Job, run_job
 from LungUDRNetLib.refine import refine
 from LungUDRNetLib.warp import warp
@@ -35,7 +36,8 @@ def test_quick_bench_writes_tables_and_ranks_methods(tmp_path):
     with (tmp_path / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 6
     table = (tmp_path / "results.md").read_text()
-    assert "| sitk-demons | 2 |" in table and "threads 2" in table
+    assert "| sitk-demons | 2 |" in table and "threads 2" in table and "timed runs per pair" in table
+    assert all(r["timed_runs"] == 1 for r in rows)
     assert (tmp_path / "tre_vs_time.png").stat().st_size > 1000
 
 
@@ -43,6 +45,15 @@ def test_child_failure_is_a_row_not_a_crash(tmp_path):
     result = run_job(Job("identity", str(tmp_path / "no_such_pair"), str(tmp_path / "run"), repeats=1))
     assert result.error is not None and "failed" in result.error
     assert np.isnan(result.median_s)
+
+
+@pytest.mark.parametrize("slow_s, timed_runs", [(float("inf"), 3), (0.0, 1)])
+def test_slow_methods_get_fewer_timed_runs(tmp_path, slow_s, timed_runs):
+    pair = tiny_pairs(tmp_path / "pairs", count=1)[0]
+    result = run_job(Job("identity", str(pair), str(tmp_path / "run"), threads=1, repeats=3, warmup=1,
+                         slow_s=slow_s))
+    assert result.error is None
+    assert len(result.times_s) == timed_runs  # slow_s = 0: the warm-up is the one timed run
 
 
 def test_refine_recovers_a_translation():

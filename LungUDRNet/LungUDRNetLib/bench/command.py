@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 QUICK_METHODS = ["identity", "udrnet", "sitk-demons"]
 DEFAULT_ELASTIX_DIR = Path("..") / "shared" / "data" / "elastix_lung"
+# The baselines trained like the bundled weights (source tree only; see the model card beside them).
+BASELINE_MODELS = Path(__file__).resolve().parents[3] / "Resources" / "BaselineModels"
+
+
+def _shipped(name: str) -> str | None:
+    path = BASELINE_MODELS / name
+    return str(path) if path.is_file() else None
 
 
 def add_parser(subparsers) -> None:
@@ -36,11 +43,17 @@ def add_parser(subparsers) -> None:
                         help="folder with the elastix test chest CT (used where present)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and pair (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    parser.add_argument("--slow-seconds", type=float, default=60.0,
+                        help="a method slower than this per run gets fewer timed runs (the warm-up is timed "
+                             "itself; runs stop once they add up to more); 0 = always warm-up + repeats")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads, the same for every method")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and pair")
     parser.add_argument("--weights", help="UDRNet checkpoint (default: bundled weights)")
-    parser.add_argument("--baseline-weights", help="checkpoint of UDRNet(attention=False) trained likewise")
-    parser.add_argument("--voxelmorph-weights", help="checkpoint of `lungudrnet train --model voxelmorph-package`")
+    parser.add_argument("--baseline-weights", default=_shipped("udrnet_noattention.pt"),
+                        help="checkpoint of `lungudrnet train --model voxelmorph` (UDRNet without scHAF; default: "
+                             "the one trained like the bundled weights, where the source tree has it)")
+    parser.add_argument("--voxelmorph-weights", default=_shipped("voxelmorph_package.pt"),
+                        help="checkpoint of `lungudrnet train --model voxelmorph-package` (default: as above)")
     parser.add_argument("--refine-steps", type=int, default=Options.refine_steps, help="Adam steps of udrnet+refine")
     parser.add_argument("--elastix-iterations", type=int, default=Options.elastix_iterations,
                         help="iterations per resolution of elastix (Par0011 uses 1000)")
@@ -110,12 +123,17 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
     notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
              f"time = read pair, register, warp, write warped image and field (method only: the field "
-             f"computation alone); median of {repeats} runs after {args.warmup} warm-up, {args.threads} threads "
-             f"for every method, each in its own child process",
+             f"computation alone); median of {repeats} runs after {args.warmup} warm-up (methods slower than "
+             f"{args.slow_seconds:g} s per run: fewer, see 'timed runs'), {args.threads} threads for every "
+             f"method, each in its own child process",
              f"udrnet+refine: {options.refine_steps} Adam steps; elastix: Par0011-based, "
              f"{options.elastix_iterations} iterations per resolution"]
     if options.weights is None and not DEFAULT_WEIGHTS.is_file():
         notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
+    for method, weights in (("udrnet-noattention", options.baseline_weights),
+                            ("voxelmorph", options.voxelmorph_weights)):
+        if weights is None and method in _methods(args):
+            notes.append(f"{method}: no trained weights given; an untrained network (accuracy not meaningful)")
     gpu = gpu_network_seconds()
     if gpu is not None:
         notes.append(f"UDRNet network step on {machine['gpu']} at 192x192x208: {gpu * 1000:.1f} ms (median)")
@@ -123,7 +141,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     for method in _methods(args):
         for pair in pairs:
             job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
-                      args.threads, repeats, args.warmup, asdict(options))
+                      args.threads, repeats, args.warmup, asdict(options), args.slow_seconds or float("inf"))
             result = run_job(job, args.timeout)
             report = None
             if not result.error:

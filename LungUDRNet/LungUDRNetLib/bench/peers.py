@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
 from ..geometry import voxel_flow_to_field
 from ..io import read_displacement_field
+from ..model import UDRNet
 from ..preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
 from ..refine import refine
 from ..registration import predict_flow
@@ -74,11 +75,14 @@ def identity(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
 
 
 def _udrnet_model(path: str | None, attention: bool = True):
-    """The network from ``path``, else the bundled weights, else an untrained one (TRE then meaningless)."""
-    if path is None and not DEFAULT_WEIGHTS.is_file():
-        model, preprocess, info = untrained_model()
-        return (model if attention else type(model)(attention=False).eval()), preprocess, info
-    return load_model(path)
+    """The network from ``path``; without one the bundled weights (or, absent, an untrained network)
+    and, for ``attention=False``, an untrained baseline on their preprocessing (accuracy then meaningless)."""
+    if path is not None:
+        return load_model(path)
+    model, preprocess, info = load_model(None) if DEFAULT_WEIGHTS.is_file() else untrained_model()
+    if not attention:
+        model, info = UDRNet(replace(model.config, attention=False)).eval(), {**info, "trained": False}
+    return model, preprocess, info
 
 
 def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, attention: bool = True,
@@ -250,14 +254,14 @@ def ants_syn(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     return _field_like(sitk.GetArrayFromImage(field), fixed)
 
 
-METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {
+METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {  # fastest first
     "identity": identity,
     "udrnet": udrnet,
     "udrnet+refine": udrnet_refined,
     "udrnet-noattention": voxelmorph_baseline,
     "voxelmorph": voxelmorph_package,
-    "elastix-bspline": elastix_bspline,
-    "ants-syn": ants_syn,
-    "sitk-bspline": sitk_bspline,
     "sitk-demons": sitk_demons,
+    "elastix-bspline": elastix_bspline,
+    "sitk-bspline": sitk_bspline,
+    "ants-syn": ants_syn,
 }

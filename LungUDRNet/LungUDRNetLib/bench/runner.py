@@ -4,12 +4,16 @@ The parent (:func:`run_job`) starts ``python -m LungUDRNetLib.bench.runner JOB.j
 with the thread count in the environment. The child times the full pipeline of
 a user — read the pair from disk, register, warp the moving image, write the
 warped image and the field — once as a warm-up and then ``repeats`` times,
-and records its own peak resident memory. A crash (segmentation fault,
-exception, timeout) becomes a result with an ``error``, never the bench's end.
+and records its own peak resident memory. A method slower than ``slow_s`` per
+run is timed by fewer runs: a warm-up that takes longer is timed itself, and
+timed runs stop once they add up to more than ``slow_s`` (the count is
+reported). A crash (segmentation fault, exception, timeout) becomes a result
+with an ``error``, never the bench's end.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -36,6 +40,7 @@ class Job:
     repeats: int = 3
     warmup: int = 1
     options: dict = field(default_factory=dict)
+    slow_s: float = float("inf")
 
 
 @dataclass
@@ -91,12 +96,15 @@ def child_main(job_path: str) -> None:
     set_threads(job.threads)
     Path(job.out).mkdir(parents=True, exist_ok=True)
     times, method_times = [], []
-    for run in range(job.warmup + job.repeats):
+    for run in itertools.count():
         started = time.perf_counter()
         method_s = _pipeline(job)
-        if run >= job.warmup:
-            times.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if run >= job.warmup or elapsed > job.slow_s:
+            times.append(elapsed)
             method_times.append(method_s)
+        if len(times) >= job.repeats or sum(times) > job.slow_s:
+            break
     peak_mb = peak_rss_mb()
     result = RunResult(job.method, Path(job.pair).name, times, statistics.median(times),
                        statistics.median(method_times), peak_mb)

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 COLUMNS = ["method", "pair", "tre_mean_mm", "tre_std_mm", "tre_p90_mm", "dice_percent", "one_minus_mse_percent",
-           "ncc_percent", "sdlogj", "folding_percent", "median_s", "method_median_s", "peak_rss_mb", "error"]
+           "ncc_percent", "sdlogj", "folding_percent", "median_s", "timed_runs", "method_median_s", "peak_rss_mb", "error"]
 SUMMARY = [("TRE mean (mm)", "tre_mean_mm"), ("TRE std", "tre_std_mm"), ("TRE p90", "tre_p90_mm"),
            ("lung Dice %", "dice_percent"), ("1-MSE %", "one_minus_mse_percent"), ("NCC %", "ncc_percent"),
            ("SDlogJ", "sdlogj"), ("folded %", "folding_percent"), ("time (s, median)", "median_s"),
-           ("method only (s)", "method_median_s"),
+           ("timed runs per pair", "timed_runs"), ("method only (s)", "method_median_s"),
            ("peak RSS (MB)", "peak_rss_mb")]
 
 
@@ -30,7 +30,7 @@ def row(method: str, pair: str, report: dict | None, run) -> dict:
             "tre_p90_mm": tre.get("p90"), "dice_percent": after.get("dice_percent"),
             "one_minus_mse_percent": after.get("one_minus_mse_percent"), "ncc_percent": after.get("ncc_percent"),
             "sdlogj": jacobian.get("sdlogj"), "folding_percent": jacobian.get("folding_percent"),
-            "median_s": run.median_s, "method_median_s": run.method_median_s, "peak_rss_mb": run.peak_rss_mb,
+            "median_s": run.median_s, "timed_runs": len(run.times_s), "method_median_s": run.method_median_s, "peak_rss_mb": run.peak_rss_mb,
             "error": run.error}
 
 
