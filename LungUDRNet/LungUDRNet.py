@@ -105,8 +105,9 @@ class LungUDRNetParameterNode:
 #
 
 
-class LungUDRNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: parameter node bound to the .ui widgets, Apply/Cancel, progress, lesion tracking."""
+class JobPanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """What both panels of the extension share: the .ui bound to a parameter node, whose changes call
+    ``_updateButtons``, and a timer that calls ``_onPoll`` while a child-process job (``_job``) runs."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -117,16 +118,41 @@ class LungUDRNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._pollTimer = None
 
-    def setup(self) -> None:
+    def setupPanel(self, uiFile: str, pollIntervalMs: int = POLL_INTERVAL_MS) -> "qt.QWidget":
+        """Load ``Resources/UI/<uiFile>`` into the panel (``self.ui``) and create the poll timer."""
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LungUDRNet.ui"))
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{uiFile}"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(pollIntervalMs)
+        self._pollTimer.connect("timeout()", self._onPoll)
+        return uiWidget
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        raise NotImplementedError
+
+    def _onPoll(self) -> None:
+        raise NotImplementedError
+
+
+class LungUDRNetWidget(JobPanelWidget):
+    """The panel: parameter node bound to the .ui widgets, Apply/Cancel, progress, lesion tracking."""
+
+    def setup(self) -> None:
+        uiWidget = self.setupPanel("LungUDRNet.ui")
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LungUDRNetLogic()
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self._onPoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -158,16 +184,6 @@ class LungUDRNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.fixedVolume:
             self._parameterNode.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
         parameters = self._parameterNode

@@ -10,16 +10,13 @@ continue a stopped run. Multi-GPU training is done headless with ``torchrun``
 import pathlib
 from typing import Annotated
 
-import qt
-import vtk
-
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest
+
+from LungUDRNet import JobPanelWidget, ensureDependencies
 
 PRESETS = ["paper", "fast", "smoke"]
 MODELS = ["udrnet", "voxelmorph"]
@@ -67,27 +64,12 @@ class LungUDRNetTrainerParameterNode:
     resume: bool = False
 
 
-class LungUDRNetTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class LungUDRNetTrainerWidget(JobPanelWidget):
     """The panel: parameter node bound to the .ui widgets, Start/Stop, progress and last scores."""
 
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
-        self._pollTimer = None
-
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LungUDRNetTrainer.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.setupPanel("LungUDRNetTrainer.ui", POLL_INTERVAL_MS)
         self.logic = LungUDRNetTrainerLogic()
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self._onPoll)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.setParameterNode(self.logic.getParameterNode())
 
@@ -97,16 +79,6 @@ class LungUDRNetTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._job.kill()
             self._job = None
         self.setParameterNode(None)
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
@@ -127,7 +99,6 @@ class LungUDRNetTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._job.stop()
             self._updateButtons()
             return
-        from LungUDRNet import ensureDependencies
         if not ensureDependencies():
             return
         parameters = self._parameterNode

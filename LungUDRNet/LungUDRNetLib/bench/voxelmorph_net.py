@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 ARCHITECTURE = "voxelmorph-package"
 
 
@@ -47,8 +49,11 @@ class VoxelMorphNet(nn.Module):
     """``VxmPairwise(ndim=3, integration_steps=0)``; input order (moving, fixed) as UDRNet."""
 
     def __init__(self, config: VoxelMorphNetConfig | None = None) -> None:
-        import voxelmorph as vxm  # optional: only the bench and this baseline need it
-
+        try:
+            import voxelmorph as vxm  # optional: only the bench and this baseline need it
+        except ImportError:
+            raise ModelError("model voxelmorph-package: the voxelmorph package is not installed; "
+                             "pip install voxelmorph==0.3.4 (or the project's bench extra)") from None
         super().__init__()
         self.config = config or VoxelMorphNetConfig()
         self.network = vxm.nn.models.VxmPairwise(ndim=3, source_channels=1, target_channels=1,
