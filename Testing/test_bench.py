@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from LungUDRNetLib.bench.command import add_parser
-from LungUDRNetLib.bench.data import tiny_pairs
+from LungUDRNetLib.bench.data import read_pair, tiny_pairs
+from LungUDRNetLib.bench.peers import Options, udrnet, udrnet_refined
 from LungUDRNetLib.bench.runner import Job, run_job
+from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.refine import refine
 from LungUDRNetLib.warp import warp
 
@@ -76,3 +78,17 @@ def test_refine_recovers_a_translation():
 def test_refine_rejects_negative_steps():
     with pytest.raises(ValueError):
         refine(torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), steps=-1)
+
+
+def test_two_level_refinement_lowers_udrnet_tre(tmp_path):
+    pair = read_pair(tiny_pairs(tmp_path, count=1)[0])
+    options = Options(refine_steps=10)
+
+    def tre(field) -> float:
+        moved = transform_points(pair.fixed_points, field)
+        return float(np.linalg.norm(moved - pair.moving_points, axis=1).mean())
+
+    network_only = tre(udrnet(pair.fixed, pair.moving, options))
+    refined = udrnet_refined(pair.fixed, pair.moving, options)
+    assert refined.GetSize() == pair.fixed.GetSize()
+    assert tre(refined) < 0.8 * network_only

@@ -54,7 +54,9 @@ def add_parser(subparsers) -> None:
                              "the one trained like the bundled weights, where the source tree has it)")
     parser.add_argument("--voxelmorph-weights", default=_shipped("voxelmorph_package.pt"),
                         help="checkpoint of `lungudrnet train --model voxelmorph-package` (default: as above)")
-    parser.add_argument("--refine-steps", type=int, default=Options.refine_steps, help="Adam steps of udrnet+refine")
+    parser.add_argument("--refine-steps", type=int, default=Options.refine_steps,
+                        help="Adam steps of udrnet+refine on the network grid (twice as many follow on a grid "
+                             "twice as fine)")
     parser.add_argument("--elastix-iterations", type=int, default=Options.elastix_iterations,
                         help="iterations per resolution of elastix (Par0011 uses 1000)")
     parser.set_defaults(run=run_bench)
@@ -126,7 +128,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
              f"computation alone); median of {repeats} runs after {args.warmup} warm-up (methods slower than "
              f"{args.slow_seconds:g} s per run: fewer, see 'timed runs'), {args.threads} threads for every "
              f"method, each in its own child process",
-             f"udrnet+refine: {options.refine_steps} Adam steps; elastix: Par0011-based, "
+             f"udrnet+refine: {options.refine_steps} Adam steps on the network grid, then "
+             f"{2 * options.refine_steps} on a grid twice as fine; elastix: Par0011-based, "
              f"{options.elastix_iterations} iterations per resolution"]
     if options.weights is None and not DEFAULT_WEIGHTS.is_file():
         notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
