@@ -92,7 +92,9 @@ def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, at
 
     Refinement runs ``refine_steps`` Adam steps on the network grid, then
     ``2 * refine_steps`` on a grid twice as fine per axis (same extent; the
-    field carried over in millimetres) with a lighter smoothness weight, 0.3.
+    field carried over in millimetres) with a lighter smoothness weight, 0.3,
+    and Adam steps of 0.2 voxel (chosen on one held-out lung2 pair: 0.60 mm
+    TRE against 0.86 mm for 0.1 voxel and smoothness 0.1).
     """
     model, preprocess, _ = _udrnet_model(weights, attention)
     if model.config.attention != attention:
@@ -100,21 +102,21 @@ def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, at
     grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
     flow = predict_flow(model, fixed01, moving01, torch.device("cpu"))
     if refine_steps:
-        flow = _refined(flow, fixed01, moving01, refine_steps, smoothness_weight=1.0)
+        flow = _refined(flow, fixed01, moving01, refine_steps, smoothness_weight=1.0, lr=0.1)
         finer = replace(preprocess, grid_shape=tuple(2 * n for n in preprocess.grid_shape))
         field = voxel_flow_to_field(flow, grid)
         grid, fixed01, moving01 = prepare_pair(fixed, moving, finer)
         flow = field_to_voxel_flow(resample_field(field, grid))
-        flow = _refined(flow, fixed01, moving01, 2 * refine_steps, smoothness_weight=0.3)
+        flow = _refined(flow, fixed01, moving01, 2 * refine_steps, smoothness_weight=0.3, lr=0.2)
     return flow_to_fixed_field(flow, grid, fixed)
 
 
 def _refined(flow: np.ndarray, fixed01: np.ndarray, moving01: np.ndarray, steps: int,
-             smoothness_weight: float) -> np.ndarray:
+             smoothness_weight: float, lr: float) -> np.ndarray:
     """:func:`LungUDRNetLib.refine.refine` on (D, H, W) arrays."""
     as_tensor = lambda array: torch.from_numpy(array)[None]  # noqa: E731
     return refine(as_tensor(flow), as_tensor(fixed01[None]), as_tensor(moving01[None]), steps=steps,
-                  smoothness_weight=smoothness_weight)[0].numpy()
+                  smoothness_weight=smoothness_weight, lr=lr)[0].numpy()
 
 
 def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
