@@ -1,4 +1,5 @@
-"""Shared fixtures: small images with awkward geometry (anisotropic, offset, rotated and flipped)."""
+"""Shared fixtures: small images with awkward geometry (anisotropic, offset, rotated and flipped), and a
+tiny Learn2Reg dataset with the smoke training preset for the trainer tests."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import SimpleITK as sitk
 import torch
 
 from LungUDRNetLib.phantom import make_grid
+from LungUDRNetTrainerLib.config import TrainConfig, resolve_config
+from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -37,3 +40,24 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared reference data not available here ({'/'.join(parts)})")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: the trainer's 32^3 networks gain nothing from a second, and lose a lot on a busy
+    machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """6 phantom pairs (4 training, 2 validation), 40 x 36 x 32 voxels, known smooth deformations."""
+    return write_toy_learn2reg(tmp_path_factory.mktemp("toy"))
+
+
+def smoke(data: Path, **overrides) -> TrainConfig:
+    """The smoke preset (tiny network on a 32^3 grid) on the Learn2Reg folder ``data``."""
+    return resolve_config("smoke", overrides={"data": str(data), **overrides})

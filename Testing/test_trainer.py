@@ -14,28 +14,13 @@ import yaml
 from LungUDRNetLib import cli
 from LungUDRNetLib.checkpoint import load_model, read_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, OutputError
-from LungUDRNetTrainerLib.config import TrainConfig, resolve_config
-from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
+from LungUDRNetTrainerLib.config import resolve_config
 from LungUDRNetTrainerLib.training import stop_on_signals, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The 32^3 networks here gain nothing from a second thread, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import smoke
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """6 phantom pairs (4 training, 2 validation), 40 x 36 x 32 voxels, known smooth deformations."""
-    return write_toy_learn2reg(tmp_path_factory.mktemp("toy"))
-
-
-def smoke(toy, **overrides) -> TrainConfig:
-    return resolve_config("smoke", overrides={"data": str(toy), **overrides})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _history(run_dir) -> list[dict]:

@@ -11,12 +11,6 @@ import pytest
 import torch
 
 from LungUDRNetLib.checkpoint import read_checkpoint
-from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy_learn2reg(tmp_path_factory.mktemp("toy"))
 
 
 def _train(launcher: list[str], toy, run_dir) -> subprocess.CompletedProcess:
@@ -34,7 +28,7 @@ def test_two_gloo_processes_write_one_run_equal_to_a_single_process_run(toy, tmp
     result = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], toy, run_dir)
     assert "2 pairs per step = 1 per pass x 1 accumulated x 2 processes" in result.stderr
     assert result.stdout.count("training finished") == 1  # rank 0 only
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.prev.pt", "last.pt", "log.csv"]
 
     _train([sys.executable], toy, tmp_path / "single")
     ddp, single = read_checkpoint(run_dir / "last.pt"), read_checkpoint(tmp_path / "single" / "last.pt")

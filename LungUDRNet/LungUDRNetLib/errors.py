@@ -36,6 +36,10 @@ class ResourceError(LungUDRNetError):
     exit_code = 4
 
 
+class TrainingError(LungUDRNetError):
+    """Training cannot go on: the loss became NaN or infinite (the weights diverged)."""
+
+
 class CancelledError(LungUDRNetError):
     """The user interrupted the run (Ctrl-C, SIGTERM, Cancel button)."""
 

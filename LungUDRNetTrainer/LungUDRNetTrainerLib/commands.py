@@ -27,8 +27,10 @@ def add_train_parser(subparsers) -> None:
         "train", help="train UDRNet (or the VoxelMorph baseline) headless; under torchrun on several GPUs",
         description="Train UDRNet unsupervised on a Learn2Reg dataset folder or a pairs CSV. Settings: "
                     "paper defaults <- --preset <- --config file <- flags.")
-    parser.add_argument("--out", help="run folder for config.yaml, last.pt, best.pt, log.csv, tensorboard/")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    parser.add_argument("--out", help="run folder for config.yaml, last.pt, last.prev.pt, best.pt, log.csv, "
+                                      "tensorboard/")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last.pt (last.prev.pt if that cannot be loaded)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="paper (default), fast (64^3, CPU-sized) or smoke (tiny, seconds: a pipeline check)")
     parser.add_argument("--config", help="YAML or TOML file of settings (keys as the flags below)")

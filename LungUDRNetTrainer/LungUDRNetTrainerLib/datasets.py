@@ -42,6 +42,7 @@ SPLITS = ("train", "val", "test")
 CSV_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
 POINT_KINDS = ("keypoints", "landmarks")
 FIXED_PHASE, MOVING_PHASE = 0, 1
+MAX_LISTED = 5  # missing files named in one error message
 _CASE_PHASE = re.compile(r"^(?P<case>.+)_(?P<phase>\d{4})$")
 
 
@@ -214,14 +215,21 @@ def load_splits(data: str | Path | None = None, pairs: str | Path | None = None,
                 needed: tuple[str, ...] = ("train", "val")) -> dict[str, list[PairRecord]]:
     """Pairs from a Learn2Reg folder (``data``) or a pairs CSV (``pairs``): exactly one of them.
 
-    Every file of the ``needed`` splits must exist (InputError naming the first missing one); the
-    other splits are returned unchecked (Learn2Reg lists test images that may not be downloaded).
+    Every file of the ``needed`` splits must exist (one InputError naming the dataset JSON or CSV and
+    the missing files); the other splits are returned unchecked (Learn2Reg lists test images that
+    may not be downloaded).
     """
     if (data is None) == (pairs is None):
         raise InputError("data: give either a Learn2Reg dataset folder (--data) or a pairs CSV (--pairs)")
     splits = load_learn2reg(data, val_fraction) if data is not None else load_pairs_csv(pairs, val_fraction)
-    for split in needed:
-        check_files(splits[split], split, Path(data if data is not None else pairs))
+    missing = [entry for split in needed for entry in missing_files(splits[split], split)]
+    if missing:
+        source = Path(os.path.abspath(data if data is not None else pairs))
+        if source.is_dir():
+            source = _find_one(source, "*dataset*.json", exclude="evaluation") or source
+        more = f" (and {len(missing) - MAX_LISTED} more missing files)" if len(missing) > MAX_LISTED else ""
+        raise InputError(f"dataset {source}: {'; '.join(missing[:MAX_LISTED])}{more}; restore the files or "
+                         "correct their paths")
     return splits
 
 
@@ -236,16 +244,17 @@ def hold_out_validation(splits: dict[str, list[PairRecord]], val_fraction: float
     return {**splits, "train": train, "val": val}
 
 
-def check_files(pairs: list[PairRecord], split: str, source: Path) -> None:
-    """Raise :class:`InputError` naming the first file of ``pairs`` that does not exist."""
+def missing_files(pairs: list[PairRecord], split: str) -> list[str]:
+    """``"<split> pair <name>: <what> <file> not found"`` for every file of ``pairs`` that does not exist."""
+    missing = []
     for pair in pairs:
         files = {"fixed image": pair.fixed, "moving image": pair.moving, "fixed mask": pair.fixed_mask,
                  "moving mask": pair.moving_mask}
         files.update({f"{kind} ({side})": p for kind, both in pair.points.items()
                       for side, p in zip(("fixed", "moving"), both)})
-        for what, file in files.items():
-            if file is not None and not Path(file).is_file():
-                raise InputError(f"dataset {source}: {split} pair {pair.name}: {what} {file} not found")
+        missing += [f"{split} pair {pair.name}: {what} {file} not found"
+                    for what, file in files.items() if file is not None and not Path(file).is_file()]
+    return missing
 
 
 def read_points_lps(path: str | Path, image: sitk.Image) -> np.ndarray:

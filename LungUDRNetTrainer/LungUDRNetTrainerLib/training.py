@@ -6,6 +6,8 @@ accumulation over micro-batches), then a validation pass. ``RUN_DIR`` gets
 
 * ``config.yaml`` -- the resolved configuration;
 * ``last.pt`` -- weights, optimizer, progress, RNG states (every epoch and on a stop);
+* ``last.prev.pt`` -- the ``last.pt`` before that, which ``--resume`` falls back to when ``last.pt``
+  cannot be loaded;
 * ``best.pt`` -- the weights with the lowest validation loss so far (what ``register`` loads);
 * ``log.csv`` and ``tensorboard/`` -- per-epoch losses and validation metrics.
 
@@ -14,7 +16,9 @@ Training ends after ``epochs`` or when the validation loss has not improved
 for ``patience`` epochs. A stop request (Ctrl-C, SIGTERM, or a file named
 ``STOP`` created in ``RUN_DIR``) finishes the current optimizer step, writes
 ``last.pt`` and raises :class:`CancelledError`;
-``resume`` continues from ``last.pt`` exactly where it stopped.
+``resume`` continues from ``last.pt`` exactly where it stopped. A training loss
+that is not finite (NaN or Inf) stops the run with :class:`TrainingError` before
+the optimizer step; the checkpoints on disk are left as they were.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -40,7 +45,8 @@ from tqdm import tqdm
 
 from LungUDRNetLib import metrics
 from LungUDRNetLib.checkpoint import read_checkpoint, save_checkpoint
-from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError
+from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError, TrainingError
+from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.losses import registration_loss
 from LungUDRNetLib.bench.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 
 AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STOP_FILE = "STOP"
+PREVIOUS_LAST = "last.prev.pt"
 StepCallback = Callable[[int, int], None]
 
 
@@ -175,15 +182,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp == "fp16")
         self.progress = Progress()
         if resume:
-            self._restore(run_dir / "last.pt")
+            self._restore()
         self.ddp = distributed.wrap(self.net, context)
         self.model = torch.compile(self.ddp) if config.compile else self.ddp
-        self.log = RunLog(run_dir, enabled=context.is_main)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, on_step: StepCallback | None = None) -> Progress:
         """Train until ``epochs``, early stopping or a stop request (then raise CancelledError)."""
+        self.log = RunLog(self.run_dir, enabled=self.context.is_main)
         try:
             if not self.progress.history:
                 self._end_epoch(0, None, time.perf_counter())
@@ -226,6 +233,7 @@ class Trainer:
                    unit="step", disable=not self.context.is_main, dynamic_ncols=True)
         stop_file = self.run_dir / STOP_FILE
         self.optimizer.zero_grad(set_to_none=True)
+        finite = True
         with bar:
             for index, batch in enumerate(loader):
                 count = batch["fixed"].shape[0]
@@ -235,13 +243,17 @@ class Trainer:
                 with contextlib.nullcontext() if synchronise else self.ddp.no_sync():
                     total = self._forward(self.model, batch)[2]["total"]
                     self.scaler.scale(total * (count / step_pairs)).backward()
-                loss_sum, samples = loss_sum + total.item() * count, samples + count
+                value = total.item()
+                finite = finite and math.isfinite(value)
+                loss_sum, samples = loss_sum + value * count, samples + count
                 if not ends_step:
                     continue
+                if distributed.any_process(not finite, self.context):
+                    raise self._diverged(epoch, step + 1)
                 self._optimizer_step()
                 step += 1
                 bar.update()
-                bar.set_postfix(loss=f"{total.item():.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
                 if on_step is not None:
                     on_step(epoch, step)
                 if distributed.any_process(stop.is_set() or stop_file.exists(), self.context):
@@ -251,6 +263,16 @@ class Trainer:
                     return None
         loss_sum, samples = distributed.all_sum([loss_sum, samples], self.context)
         return loss_sum / samples
+
+    def _diverged(self, epoch: int, step: int) -> TrainingError:
+        """The error for a training loss that is not finite in optimizer step ``step`` of ``epoch``."""
+        rate = self.config.learning_rate
+        amp = " or train without mixed precision (--amp none)" if self.config.amp != "none" else ""
+        return TrainingError(
+            f"training stopped: the loss is not finite (NaN or Inf) in epoch {epoch}, step {step}; the weights "
+            f"diverged. The checkpoints in {self.run_dir} (last.pt, best.pt) are unchanged. Lower the learning "
+            f"rate (now {rate:g}){amp}, then continue with: lungudrnet train --resume {self.run_dir} "
+            f"--learning-rate {rate / 10:g}")
 
     def _optimizer_step(self) -> None:
         """Apply the accumulated gradients (unscaled first under fp16) and clear them."""
@@ -334,7 +356,7 @@ class Trainer:
 
     def _save(self, name: str, trainer_state: bool) -> None:
         """Write ``RUN_DIR/name`` on rank 0: weights and configs, plus, with ``trainer_state``, everything
-        ``--resume`` needs."""
+        ``--resume`` needs (then the file it replaces is kept as ``last.prev.pt``)."""
         if not self.context.is_main:
             return
         progress = self.progress
@@ -347,11 +369,13 @@ class Trainer:
             extra = {"trainer_state": {"progress": dataclasses.asdict(progress),
                                        "optimizer": self.optimizer.state_dict(),
                                        "scaler": self.scaler.state_dict(), "rng": rng_state()}}
+            if (self.run_dir / name).is_file():
+                copy_atomic(self.run_dir / name, self.run_dir / PREVIOUS_LAST)
         save_checkpoint(self.run_dir / name, self.net, self.preprocess, metadata, extra)
 
-    def _restore(self, path: Path) -> None:
-        """Load weights, optimizer, progress and RNG states from ``last.pt``."""
-        state = read_checkpoint(path)
+    def _restore(self) -> None:
+        """Load weights, optimizer, progress and RNG states from ``last.pt`` (or ``last.prev.pt``)."""
+        path, state = read_resume_checkpoint(self.run_dir, repair=self.context.is_main)
         if "trainer_state" not in state:
             raise ModelError(f"resume {path}: holds no trainer state (not a last.pt of a training run)")
         if state["model_config"] != self.net.config.to_dict():
@@ -365,10 +389,36 @@ class Trainer:
         log.info("resuming %s after epoch %d, step %d", path, self.progress.epoch, self.progress.step)
 
 
+def copy_atomic(source: Path, target: Path) -> None:
+    """Copy ``source`` onto ``target``; ``target`` is never left partial."""
+    with atomic_path(target) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def read_resume_checkpoint(run_dir: Path, repair: bool) -> tuple[Path, dict]:
+    """(path, state) of ``run_dir/last.pt``, or, when that cannot be loaded, of ``last.prev.pt`` with a
+    warning (``repair`` then copies it over the broken ``last.pt``); ModelError when neither loads."""
+    last, previous = run_dir / "last.pt", run_dir / PREVIOUS_LAST
+    if not last.is_file() and not previous.is_file():
+        raise InputError(f"resume {run_dir}: no last.pt there (not a training run folder)")
+    try:
+        return last, read_checkpoint(last)
+    except ModelError as error:
+        problem = error
+    try:
+        state = read_checkpoint(previous)
+    except ModelError:
+        raise ModelError(f"{problem}; there is no loadable {PREVIOUS_LAST} to resume from either. best.pt there "
+                         "still works with `lungudrnet register --model`; to train again, start a new run with "
+                         "another --out") from None
+    log.warning("%s; resuming from the previous checkpoint %s instead", problem, previous)
+    if repair:
+        copy_atomic(previous, last)
+    return previous, state
+
+
 def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     """Create ``run_dir`` and write ``config.yaml``; refuse to start a new run over an existing one."""
-    if resume and not (run_dir / "last.pt").is_file():
-        raise InputError(f"resume {run_dir}: no last.pt there (not a training run folder)")
     if not resume and (run_dir / "last.pt").exists():
         raise OutputError(f"output {run_dir}: already holds a training run; continue it with --resume {run_dir} "
                           "or choose another --out")
@@ -390,15 +440,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     run_dir = Path(run_dir)
     context = distributed.setup(config.device)
     try:
-        if context.is_main:
-            prepare_run_dir(run_dir, config, resume)
-        distributed.barrier(context)
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         if context.device.type == "cuda":
             torch.backends.cudnn.benchmark = not config.deterministic
-        trainer = Trainer(config, run_dir, context, resume)
+        trainer = Trainer(config, run_dir, context, resume)  # checks the data and last.pt before writing
+        if context.is_main:
+            prepare_run_dir(run_dir, config, resume)
+        distributed.barrier(context)
         return trainer.run(stop or threading.Event(), on_step)
     finally:
         distributed.teardown(context)
