@@ -1,8 +1,11 @@
-"""Shared fixtures: small images with awkward geometry (anisotropic, offset, rotated and flipped), and a
-tiny Learn2Reg dataset with the smoke training preset for the trainer tests."""
+"""Shared fixtures: small images with awkward geometry (anisotropic, offset, rotated and flipped), a folder
+any user can enter (for permission tests), and a tiny Learn2Reg dataset with the smoke training preset for the
+trainer tests."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,15 @@ def oblique_direction(degrees: float = 20.0) -> np.ndarray:
 def oblique_grid() -> sitk.Image:
     """40 x 36 x 30 voxels, spacing 1.5 x 2.0 x 2.5 mm, origin (-30, 12, 50), oblique flipped direction."""
     return make_grid((40, 36, 30), (1.5, 2.0, 2.5), (-30.0, 12.0, 50.0), oblique_direction())
+
+
+@pytest.fixture
+def world_dir():
+    """A folder that an unprivileged user can enter (pytest's own tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="lungudrnet-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
 
 
 def shared_data(*parts: str) -> Path:

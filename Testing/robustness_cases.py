@@ -62,8 +62,10 @@ def register_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def checksums(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder``, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    def sha256(path: Path) -> str:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def write_dicom_series(folder: Path, image: sitk.Image, series_uid: str) -> None:
@@ -123,6 +125,17 @@ def call_as_nobody(function: Callable[[], object], timeout_s: float = 60.0) -> s
     finally:
         os.close(read_end)
         os.waitpid(pid, 0)
+
+
+def as_unprivileged_user(function: Callable[[], object]) -> str:
+    """``function()``'s outcome (as :func:`call_as_nobody` reports it) under file permissions: run directly, or
+    as 'nobody' when running as root, whom permissions do not stop."""
+    if os.geteuid() == 0:
+        return call_as_nobody(function)
+    try:
+        return repr(function())
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
 
 
 def array(image: sitk.Image) -> np.ndarray:

@@ -20,6 +20,7 @@ from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phant
 from LungUDRNetLib.preprocess import PreprocessConfig
 
 from conftest import oblique_direction
+from robustness_cases import checksums
 
 
 @pytest.fixture
@@ -110,11 +111,13 @@ def test_cli_refuses_existing_results_without_overwrite(phantom_files, tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     (out / "warped.nii.gz").write_bytes(b"keep me")
+    before = checksums(tmp_path)
     args = ["register", "--fixed", str(phantom_files["fixed"]), "--moving", str(phantom_files["moving"]),
             "--out", str(out), "--model", str(phantom_files["model"]), "--device", "cpu"]
     assert main(args) == 3
-    assert "already exists (use --overwrite" in capsys.readouterr().err
-    assert (out / "warped.nii.gz").read_bytes() == b"keep me"
+    assert capsys.readouterr().err == (f"lungudrnet: error: output {out.resolve() / 'warped.nii.gz'}: already exists "
+                                       "(use --overwrite to replace it)\n")
+    assert checksums(tmp_path) == before  # the existing result and the inputs unchanged, nothing added
     assert main(args + ["--overwrite"]) == 0
     assert (out / "warped.nii.gz").read_bytes() != b"keep me"
 

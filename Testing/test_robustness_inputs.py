@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +19,8 @@ from LungUDRNetLib.phantom import analytic_field, lung_mask_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig
 from LungUDRNetLib.report import registration_report
 
-from robustness_cases import (TINY_GRID, array, centred_grid, checksums, fixed_phantom, moving_phantom, register_args,
-                              call_as_nobody, write_case, write_dicom_series)
+from robustness_cases import (TINY_GRID, array, as_unprivileged_user, centred_grid, checksums, fixed_phantom,
+                              moving_phantom, register_args, write_case, write_dicom_series)
 
 TINY = PreprocessConfig(grid_shape=TINY_GRID)
 NET = untrained_model()[0]
@@ -32,15 +28,6 @@ NET = untrained_model()[0]
 
 def _register(fixed, moving, **kwargs):
     return register(fixed, moving, model=NET, preprocess=TINY, device="cpu", **kwargs)
-
-
-@pytest.fixture
-def world_dir():
-    """A folder that an unprivileged user can enter (pytest's own tmp_path is private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="lungudrnet-test-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder)
 
 
 # --- files that are not there, not readable, not images ---------------------------------------------
@@ -53,19 +40,6 @@ def test_a_folder_without_dicom_is_refused_with_the_fix(tmp_path, content):
         (folder / content).write_text("not an image")
     with pytest.raises(InputError, match=r"fixed image .*scan: folder holds no DICOM series; pass an image file"):
         read_image(folder, "fixed image")
-
-
-def _outcome(function) -> str:
-    """What ``function()`` returned or raised, as text (as :func:`call_as_nobody` reports it)."""
-    try:
-        return repr(function())
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-
-
-def as_unprivileged_user(function) -> str:
-    """``function()``'s outcome under file permissions: directly, or as 'nobody' when running as root."""
-    return call_as_nobody(function) if os.geteuid() == 0 else _outcome(function)
 
 
 def test_an_unreadable_file_is_refused(world_dir):

@@ -9,12 +9,13 @@ uses ``torch.load(weights_only=True)``, so a file cannot run code.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from .bench.voxelmorph_net import is_voxelmorph_config
-from .errors import ModelError
+from .errors import CancelledError, ModelError
 from .io import atomic_path
 from .model import UDRNet, UDRNetConfig
 from .preprocess import PreprocessConfig
@@ -52,9 +53,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise ModelError(f"model {path}: permission denied (not readable); check the file's permissions")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except CancelledError:  # SIGTERM while loading: not a problem of the file
+        raise
     except Exception as error:  # truncated zip, unpickling refused, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"model {path}: not a loadable LungUDRNet checkpoint ({reason[:200]})") from None
+        raise ModelError(f"model {path}: not a loadable LungUDRNet checkpoint: {_load_failure(error)}") from None
     if not isinstance(state, dict) or "state_dict" not in state or "model_config" not in state:
         raise ModelError(f"model {path}: not a LungUDRNet checkpoint (no model_config/state_dict)")
     version = state.get("format_version", 0)
@@ -64,6 +66,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise ModelError(f"model {path}: checkpoint format {version} is newer than this LungUDRNet "
                          f"supports ({FORMAT_VERSION}); update LungUDRNet")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in words for the user."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's messages hold terminal colour codes
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return ("it holds Python objects other than weights" + (f" (here {found[1]})" if found else "")
+                + ", which could run code when loaded, so it was refused and nothing in it was run; "
+                "use a checkpoint saved by LungUDRNet, from a source you trust")
+    reason = text.split(". ")[0].splitlines()[0] if text else type(error).__name__
+    return f"the file is truncated, corrupt or not a PyTorch file ({reason[:200]}); copy or download it again"
 
 
 def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, PreprocessConfig, dict]:
@@ -84,8 +98,11 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, Preproces
         model.load_state_dict(state["state_dict"])
         preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
     except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ModelError(f"model {path}: weights do not match its architecture config ({reason[:200]})") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise ModelError(f"model {path}: weights do not match its architecture config ({reason[:200].rstrip('.')}); "
+                         "the file was edited or mixes two models: use a checkpoint as `lungudrnet train` saved it"
+                         ) from None
     metadata = dict(state.get("metadata", {}))
     metadata.setdefault("path", str(path))
     return model.eval(), preprocess, metadata

@@ -2,7 +2,7 @@
 
 Exit status: 0 on success; on a problem the user can fix, one line naming the
 input and what is wrong, and the status of the error class (2 input/model/
-device, 3 output, 4 resources, 130 interrupted).
+device, 3 output, 4 resources, 130 interrupted by Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations

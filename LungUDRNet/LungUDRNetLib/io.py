@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
+from .errors import CancelledError, InputError, OutputError
 from .geometry import index_to_ras_matrix, lps_to_ras
 
 _UMASK = os.umask(0o022)
@@ -152,6 +152,8 @@ def _nifti_data_complete(path: Path) -> bool:
     """
     try:
         proxy = nib.load(str(path)).dataobj
+    except CancelledError:  # SIGTERM while reading: not a problem of the file
+        raise
     except Exception:  # nibabel's many header errors; ITK read the header, so the data are what is in question
         return False
     needed = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize

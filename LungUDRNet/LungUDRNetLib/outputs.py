@@ -21,14 +21,18 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
     for source in inputs:
         if source is not None and Path(source).resolve() in targets:
             raise OutputError(f"output {source}: is also an input; choose another --out folder")
-    if not overwrite:
-        for target in targets:
-            if target.exists():
-                raise OutputError(f"output {target}: already exists (use --overwrite to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"output folder {out_dir}: is a file")
-    existing = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        existing = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.exists())
+        taken = [target for target in targets if target.exists()]
+    except PermissionError as error:  # a folder on the way cannot be entered
+        raise OutputError(f"output folder {out_dir}: permission denied ({error.filename}); "
+                          "choose another --out folder") from None
+    if taken and not overwrite:
+        raise OutputError(f"output {taken[0]}: already exists (use --overwrite to replace it)")
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"is under {existing}, which is a file"
+        raise OutputError(f"output folder {out_dir}: {where}, not a folder; choose another --out folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {out_dir}: {existing} is not writable (permission denied); "
                           "choose another --out folder")
     return out_dir

@@ -1,0 +1,98 @@
+"""Bad model files: ``load_model`` raises one ModelError naming the file and the problem, ``lungudrnet register``
+exits with its status and writes nothing, and a checkpoint that tries to run code never does."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from LungUDRNetLib.checkpoint import FORMAT_VERSION, load_model
+from LungUDRNetLib.cli import main
+from LungUDRNetLib.errors import ModelError
+
+from robustness_cases import checksums, register_args, write_case
+
+
+class RunsCode:
+    """Unpickling this object runs ``os.system(command)``: what a malicious checkpoint can do."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _edited(model: Path, name: str, edit) -> Path:
+    """A copy of the checkpoint ``model``, its dictionary changed by ``edit(state)``."""
+    state = torch.load(model, weights_only=True)
+    edit(state)
+    torch.save(state, model.with_name(name))
+    return model.with_name(name)
+
+
+def _truncated(model: Path) -> Path:
+    data = model.read_bytes()
+    path = model.with_name("truncated.pt")
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _other_architecture(model: Path) -> Path:
+    def halve_widths(state):
+        state["model_config"]["encoder_channels"] = [c // 2 for c in state["model_config"]["encoder_channels"]]
+    return _edited(model, "edited.pt", halve_widths)
+
+
+def _newer_format(model: Path) -> Path:
+    return _edited(model, "newer.pt", lambda state: state.update(format_version=FORMAT_VERSION + 1))
+
+
+def _malicious(model: Path) -> Path:
+    marker = model.with_name("payload-ran")
+    return _edited(model, "malicious.pt", lambda state: state["metadata"].update(note=RunsCode(f"touch '{marker}'")))
+
+
+def _refused(files: dict[str, Path], tmp_path: Path, capsys, expected: str) -> None:
+    """Assert that ``load_model`` and ``lungudrnet register`` refuse ``files["model"]`` with ``expected``, and that
+    nothing under ``tmp_path`` was written or changed."""
+    before = checksums(tmp_path)
+    with pytest.raises(ModelError, match=expected):
+        load_model(files["model"])
+    assert main(register_args(files, tmp_path / "out")) == ModelError.exit_code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and re.match(f"lungudrnet: error: {expected}", error), error
+    assert not (tmp_path / "out").exists()
+    assert checksums(tmp_path) == before
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda model: model.with_name("absent.pt"), "model .*absent.pt: file not found"),
+    (_truncated, r"model .*truncated.pt: not a loadable LungUDRNet checkpoint: the file is truncated, corrupt or not "
+                 r"a PyTorch file \(PytorchStreamReader failed reading zip archive.*\); copy or download it again"),
+    (_other_architecture, r"model .*edited.pt: weights do not match its architecture config \(size mismatch for "
+                          r"encoders\.0\.0\.weight: .*\); the file was edited or mixes two models"),
+    (_newer_format, rf"model .*newer.pt: checkpoint format {FORMAT_VERSION + 1} is newer than this LungUDRNet "
+                    rf"supports \({FORMAT_VERSION}\); update LungUDRNet"),
+], ids=["missing", "truncated", "other-architecture", "newer-format"])
+def test_a_bad_model_file_is_refused_by_the_api_and_the_cli(tmp_path, capsys, make, expected):
+    files = write_case(tmp_path / "case")
+    files["model"] = make(files["model"])
+    _refused(files, tmp_path, capsys, expected)
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tmp_path, capsys):
+    files = write_case(tmp_path / "case")
+    files["model"] = _malicious(files["model"])
+    marker = tmp_path / "case" / "payload-ran"
+    _refused(files, tmp_path, capsys, r"model .*malicious.pt: not a loadable LungUDRNet checkpoint: it holds Python "
+             r"objects other than weights \(here \w+\.system\), which could run code when "
+             r"loaded, so it was refused and nothing in it was run")
+    assert not marker.exists()
+    # The payload is real: unpickling the file without weights_only runs it.
+    torch.load(files["model"], weights_only=False)
+    assert marker.exists()
