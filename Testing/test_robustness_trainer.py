@@ -153,6 +153,7 @@ def test_resume_from_a_truncated_last_pt_falls_back_to_the_previous_one(toy, tmp
     finished = _weights(run_dir / "last.pt")
     assert read_checkpoint(run_dir / PREVIOUS_LAST)["trainer_state"]["progress"]["epoch"] == 1
     _truncate(run_dir / "last.pt")
+    inputs = checksums(toy)
 
     with caplog.at_level(logging.WARNING, logger=training.__name__):
         progress = train(smoke(toy, epochs=2), run_dir, resume=True)
@@ -164,6 +165,7 @@ def test_resume_from_a_truncated_last_pt_falls_back_to_the_previous_one(toy, tmp
         assert torch.equal(value, finished[name]), name
     assert read_checkpoint(run_dir / PREVIOUS_LAST)["trainer_state"]["progress"]["epoch"] == 1
     assert not _partial_files(run_dir)
+    assert checksums(toy) == inputs
 
 
 def test_resume_without_a_loadable_checkpoint_is_a_clear_error(toy, tmp_path, capsys):
