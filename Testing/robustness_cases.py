@@ -4,7 +4,9 @@ checkpoint, DICOM series, checksums, and running Python as an unprivileged user.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import pkgutil
 import pwd
 import select
 import signal
@@ -15,6 +17,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import LungUDRNetLib
+import LungUDRNetTrainerLib
 from LungUDRNetLib.checkpoint import save_checkpoint, untrained_model
 from LungUDRNetLib.io import write_image
 from LungUDRNetLib.phantom import chest_phantom, lung_mask_phantom, make_grid
@@ -92,12 +96,17 @@ def call_as_nobody(function: Callable[[], object], timeout_s: float = 60.0) -> s
 
     Root reads and writes any file, so permission errors can only be tested as
     another user. The child inherits the loaded modules (the interpreter itself
-    may not be reachable by 'nobody'); it should only do what fails early.
+    may not be reachable by 'nobody', nor the source tree), so every module of the
+    two packages is imported first; ``function`` should only do what fails early.
     """
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("running as root and there is no user 'nobody' to test file permissions with")
+    for package in (LungUDRNetLib, LungUDRNetTrainerLib):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            if not module.name.endswith(".__main__"):
+                importlib.import_module(module.name)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest

@@ -21,7 +21,7 @@ import pytest
 import SimpleITK as sitk
 
 from LungUDRNetLib import checkpoint, io
-from LungUDRNetLib.cli import build_parser, main
+from LungUDRNetLib.cli import main
 from LungUDRNetLib.errors import CancelledError, OutputError
 from LungUDRNetLib.io import write_image
 from LungUDRNetLib.phantom import chest_phantom
@@ -61,7 +61,6 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(worl
     files = write_case(world_dir / "case")
     out = make(world_dir)
     before = checksums(world_dir)
-    build_parser()  # imports every command's modules here: 'nobody' may not be able to read the installation
     outcome = as_unprivileged_user(lambda: _cli(register_args(files, out)))
     if (world_dir / "locked").exists():
         (world_dir / "locked").chmod(0o755)  # for the clean-up

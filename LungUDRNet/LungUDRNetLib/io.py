@@ -16,7 +16,7 @@ import gzip
 import json
 import os
 import re
-import tempfile
+import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +28,6 @@ import SimpleITK as sitk
 
 from .errors import CancelledError, InputError, OutputError
 from .geometry import index_to_ras_matrix, lps_to_ras
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_INTENT_DISPVECT = 1006
@@ -211,14 +208,12 @@ def atomic_paths(targets: Sequence[str | os.PathLike], overwrite: bool = True) -
         if not target.parent.is_dir():
             raise OutputError(f"output {target}: folder {target.parent} does not exist")
     where = targets[0] if len(targets) == 1 else targets[0].parent
-    temporaries: list[Path] = []
+    # Every name is known before any file exists, so a signal at any point leaves nothing unlisted behind.
+    token = secrets.token_hex(6)
+    temporaries = [target.parent / f".{target.name}.{token}.part{_suffix(target)}" for target in targets]
     try:
-        for target in targets:
-            handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{_suffix(target)}",
-                                                 dir=target.parent)
-            os.close(handle)
-            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-            temporaries.append(Path(temporary))
+        for temporary in temporaries:
+            temporary.touch(exist_ok=False)  # the usual permissions (umask)
         yield temporaries
         _rename_all(temporaries, targets)
     except OSError as error:

@@ -49,10 +49,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads, the same for every method")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and pair")
     parser.add_argument("--weights", help="UDRNet checkpoint (default: bundled weights)")
-    parser.add_argument("--baseline-weights", default=_shipped("udrnet_noattention.pt"),
+    parser.add_argument("--baseline-weights",
                         help="checkpoint of `lungudrnet train --model voxelmorph` (UDRNet without scHAF; default: "
                              "the one trained like the bundled weights, where the source tree has it)")
-    parser.add_argument("--voxelmorph-weights", default=_shipped("voxelmorph_package.pt"),
+    parser.add_argument("--voxelmorph-weights",
                         help="checkpoint of `lungudrnet train --model voxelmorph-package` (default: as above)")
     parser.add_argument("--refine-steps", type=int, default=Options.refine_steps,
                         help="Adam steps of udrnet+refine on the network grid (twice as many follow on a grid "
@@ -120,7 +120,9 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repeats = 1 if args.quick else args.repeats
-    options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
+    given = {f.name: getattr(args, f.name) for f in fields(Options)}
+    options = Options(**{**given, "baseline_weights": args.baseline_weights or _shipped("udrnet_noattention.pt"),
+                         "voxelmorph_weights": args.voxelmorph_weights or _shipped("voxelmorph_package.pt")})
     machine = tables.machine_description(args.threads)
     pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
     notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
