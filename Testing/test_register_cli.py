@@ -128,3 +128,38 @@ def test_console_script_exit_status(tmp_path):
                                capture_output=True, text=True, encoding="utf-8", cwd=tmp_path)
     assert completed.returncode == 2
     assert "fixed image a.nii: file not found" in completed.stderr
+
+
+OFFLINE_CLI = """
+import socket, sys
+def refuse(*args, **kwargs):
+    raise RuntimeError("network access attempted")
+socket.socket.connect = socket.socket.connect_ex = socket.getaddrinfo = socket.create_connection = refuse
+try:
+    socket.create_connection(("127.0.0.1", 9))
+    sys.exit("the network was not blocked")
+except RuntimeError:
+    pass
+from LungUDRNetLib.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("flag, shown, hidden", [
+    ("--quiet", [], ["INFO", "DEBUG"]),
+    (None, [r"INFO LungUDRNetLib: \[100%\] done"], ["DEBUG"]),
+    ("--verbose", [r"INFO LungUDRNetLib: \[100%\] done",
+                   r"DEBUG LungUDRNetLib.registration: network grid 32x32x32 on cpu; seconds: read [\d.]+, "],
+     []),
+])
+def test_cli_register_runs_offline_and_logs_at_the_chosen_level(phantom_files, tmp_path, flag, shown, hidden):
+    args = ["register", "--fixed", str(phantom_files["fixed"]), "--moving", str(phantom_files["moving"]),
+            "--model", str(phantom_files["model"]), "--device", "cpu", "--out", str(tmp_path / "out")]
+    completed = subprocess.run([sys.executable, "-c", OFFLINE_CLI, *([flag] if flag else []), *args],
+                               capture_output=True, text=True, encoding="utf-8", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert f"results in {tmp_path / 'out'}" in completed.stdout
+    for pattern in shown:
+        assert re.search(pattern, completed.stderr), completed.stderr
+    for level in hidden:
+        assert level not in completed.stderr, completed.stderr

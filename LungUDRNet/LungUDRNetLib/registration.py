@@ -197,6 +197,8 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     warped = warp_image(sitk.Cast(moving_image, sitk.sitkFloat32), displacement, transform=transform)
     timings["warp"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
+    log.debug("network grid %s on %s; seconds: %s", "x".join(map(str, config.grid_shape)), used,
+              ", ".join(f"{step} {seconds:.2f}" for step, seconds in timings.items()))
     report(1.0, "done")
     return RegistrationResult(
         warped=warped,
