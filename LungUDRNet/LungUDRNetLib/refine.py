@@ -4,15 +4,31 @@ The voxel flow itself is the optimised variable (the network's weights stay
 untouched); the objective is the training loss of :mod:`.losses`, so a
 refined field is what the network would predict if it fitted this pair
 perfectly. Tensors follow :mod:`.warp`: fields [B, 3, D, H, W] in voxels,
-images [B, 1, D, H, W] normalised to [0, 1].
+images [B, 1, D, H, W] normalised to [0, 1]; arrays are (D, H, W) as made by
+:func:`.preprocess.prepare_pair`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+import SimpleITK as sitk
 import torch
 
+from .geometry import field_to_voxel_flow, resample_field, voxel_flow_to_field
 from .losses import registration_loss
+from .preprocess import PreprocessConfig
 from .warp import warp
+
+# (smoothness weight, Adam step in voxels) on the network grid, then on a grid twice as fine per axis with
+# twice the steps. Chosen on one held-out lung2 pair: TRE 1.64 mm after the first level, 0.60 mm after the
+# second (0.86 mm with smoothness 0.1, 0.80 mm with 0.1-voxel steps).
+COARSE_LEVEL = (1.0, 0.1)
+FINE_LEVEL = (0.3, 0.2)
+
+# (network grid, fixed, moving) as returned by prepare_pair
+Pair = tuple[sitk.Image, np.ndarray, np.ndarray]
 
 
 def refine(flow: torch.Tensor, fixed01: torch.Tensor, moving01: torch.Tensor, steps: int = 30,
@@ -39,3 +55,32 @@ def refine(flow: torch.Tensor, fixed01: torch.Tensor, moving01: torch.Tensor, st
             loss.backward()
             optimiser.step()
     return variable.detach()
+
+
+def finer_config(config: PreprocessConfig) -> PreprocessConfig:
+    """The preprocessing of the second refinement level: the same extent on a grid twice as fine."""
+    return replace(config, grid_shape=tuple(2 * n for n in config.grid_shape))
+
+
+def refine_two_levels(flow: np.ndarray, coarse: Pair, fine: Pair, steps: int,
+                      device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, sitk.Image]:
+    """Refine the network's voxel flow [3, D, H, W] on ``coarse`` (its own grid) for ``steps`` Adam steps, then
+    carry it over as an LPS mm field onto ``fine`` (see :func:`finer_config`) and refine it for ``2 * steps``.
+
+    Returns the refined voxel flow on the fine grid, and that grid.
+    """
+    if steps < 0:
+        raise ValueError(f"refinement steps must be >= 0, got {steps}")
+    flow = _refined(flow, coarse, steps, *COARSE_LEVEL, device)
+    flow = field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, coarse[0]), fine[0]))
+    return _refined(flow, fine, 2 * steps, *FINE_LEVEL, device), fine[0]
+
+
+def _refined(flow: np.ndarray, pair: Pair, steps: int, smoothness_weight: float, lr: float,
+             device: torch.device) -> np.ndarray:
+    """:func:`refine` on (D, H, W) arrays, run on ``device``."""
+    def as_tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array))[None].to(device)
+    _, fixed01, moving01 = pair
+    return refine(as_tensor(flow), as_tensor(fixed01[None]), as_tensor(moving01[None]), steps=steps, lr=lr,
+                  smoothness_weight=smoothness_weight)[0].cpu().numpy()

@@ -24,6 +24,7 @@ from .memory import check_memory, registration_bytes
 from .model import UDRNet
 from .preprocess import (PreprocessConfig, flow_to_fixed_field, mask_on_image_grid, prepare_pair, replace_non_finite,
                          warn_if_not_ct)
+from .refine import finer_config, refine_two_levels
 
 log = logging.getLogger(__name__)
 
@@ -127,22 +128,24 @@ def _mask(value, image: sitk.Image, what: str) -> sitk.Image | None:
 
 
 def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
-                          max_memory: str | int | None, report: bool = False) -> None:
+                          max_memory: str | int | None, report: bool = False, refine: bool = False) -> None:
     """Refuse (:class:`ResourceError`) a registration whose estimated peak memory exceeds the limit.
 
     ``headers`` maps "fixed image", "moving image" and any masks to their
-    headers; ``report`` adds the report of ``lungudrnet register`` (see :mod:`.memory`).
+    headers; ``report`` adds the report of ``lungudrnet register``, ``refine``
+    instance refinement (see :mod:`.memory`).
     """
     fixed, moving = headers["fixed image"], headers["moving image"]
     masks = tuple(header for name, header in headers.items() if "mask" in name)
-    needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report)
+    refine_grid = finer_config(config).grid_shape if refine else None
+    needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report, refine_grid)
     size = "x".join(map(str, fixed.size))
     check_memory(needed, max_memory, f"registration onto the {size}-voxel fixed image")
 
 
 def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, moving_mask=None,
              preprocess: PreprocessConfig | None = None, progress: Progress | None = None,
-             max_memory: str | int | None = None) -> RegistrationResult:
+             max_memory: str | int | None = None, refine_steps: int = 0) -> RegistrationResult:
     """Deformably register ``moving`` onto ``fixed`` (images or file paths).
 
     ``model`` is a checkpoint path, a :class:`UDRNet`, what :func:`load_model`
@@ -152,6 +155,9 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     callers); masks on another grid than their image are resampled onto it.
     ``max_memory`` (bytes or e.g. "8G"; default: the memory available now)
     bounds the estimated peak memory, checked before the voxels are read.
+    ``refine_steps`` > 0 adds instance refinement of the network's field on
+    this pair (:func:`.refine.refine_two_levels`: that many Adam steps on the
+    network grid, twice as many on a grid twice as fine); slower, more exact.
     ``progress(fraction, message)`` is called between steps.
 
     Raises the :mod:`.errors` types: :class:`InputError` (unusable image or
@@ -163,12 +169,14 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     started = time.perf_counter()
     net, config, info = _resolve_model(model, preprocess)
     target = resolve_device(device)
+    if refine_steps < 0:
+        raise InputError(f"refinement steps: must not be negative, not {refine_steps}")
     if min(config.grid_shape) < net.minimum_size:
         raise InputError(f"network grid {config.grid_shape} is smaller than the network's minimum "
                          f"{net.minimum_size} voxels per axis")
     inputs = {"fixed image": fixed, "moving image": moving, "fixed mask": fixed_mask, "moving mask": moving_mask}
     headers = {what: _header(value, what) for what, value in inputs.items() if value is not None}
-    check_register_memory(headers, net, config, max_memory)
+    check_register_memory(headers, net, config, max_memory, refine=refine_steps > 0)
     fixed_image = _ct_image(fixed, "fixed image")
     moving_image = _ct_image(moving, "moving image")
     fixed_mask = _mask(fixed_mask, fixed_image, "fixed mask")
@@ -185,6 +193,13 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     flow = predict_flow(net, fixed_net, moving_net, target)
     used = next(net.parameters()).device  # the CPU if predict_flow fell back to it
     timings["network"] = time.perf_counter() - step
+
+    if refine_steps:
+        report(0.4, f"refining the field on this pair ({refine_steps} + {2 * refine_steps} steps)")
+        step = time.perf_counter()
+        fine = prepare_pair(fixed_image, moving_image, finer_config(config), roi_mask=fixed_mask)
+        flow, grid = refine_two_levels(flow, (grid, fixed_net, moving_net), fine, refine_steps, used)
+        timings["refine"] = time.perf_counter() - step
 
     report(0.7, "mapping the displacement field to the fixed image grid")
     step = time.perf_counter()
