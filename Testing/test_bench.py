@@ -12,7 +12,6 @@ import SimpleITK as sitk
 import torch
 
 from LungUDRNetLib import register
-
 from LungUDRNetLib.bench.command import add_parser
 from LungUDRNetLib.bench.data import read_pair, tiny_pairs
 from LungUDRNetLib.bench.peers import Options, udrnet_refined

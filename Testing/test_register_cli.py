@@ -152,7 +152,6 @@ try:
 except RuntimeError:
     pass
 from LungUDRNetLib.cli import main
-from LungUDRNetLib.errors import InputError
 sys.exit(main(sys.argv[1:]))
 """
 

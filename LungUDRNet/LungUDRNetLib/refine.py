@@ -18,7 +18,7 @@ import torch
 
 from .geometry import field_to_voxel_flow, resample_field, voxel_flow_to_field
 from .losses import registration_loss
-from .preprocess import PreprocessConfig
+from .preprocess import PreprocessConfig, prepare_pair
 from .warp import warp
 
 # (smoothness weight, Adam step in voxels) on the network grid, then on a grid twice as fine per axis with
@@ -62,16 +62,17 @@ def finer_config(config: PreprocessConfig) -> PreprocessConfig:
     return replace(config, grid_shape=tuple(2 * n for n in config.grid_shape))
 
 
-def refine_two_levels(flow: np.ndarray, coarse: Pair, fine: Pair, steps: int,
-                      device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, sitk.Image]:
+def refine_two_levels(flow: np.ndarray, coarse: Pair, fixed: sitk.Image, moving: sitk.Image,
+                      config: PreprocessConfig, steps: int, device: torch.device = torch.device("cpu"),
+                      roi_mask: sitk.Image | None = None) -> tuple[np.ndarray, sitk.Image]:
     """Refine the network's voxel flow [3, D, H, W] on ``coarse`` (its own grid) for ``steps`` Adam steps, then
-    carry it over as an LPS mm field onto ``fine`` (see :func:`finer_config`) and refine it for ``2 * steps``.
+    carry it over as an LPS mm field onto the grid of :func:`finer_config` (``fixed``, ``moving`` and
+    ``roi_mask`` prepared as for the network) and refine it there for ``2 * steps``.
 
     Returns the refined voxel flow on the fine grid, and that grid.
     """
-    if steps < 0:
-        raise ValueError(f"refinement steps must be >= 0, got {steps}")
     flow = _refined(flow, coarse, steps, *COARSE_LEVEL, device)
+    fine = prepare_pair(fixed, moving, finer_config(config), roi_mask)
     flow = field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, coarse[0]), fine[0]))
     return _refined(flow, fine, 2 * steps, *FINE_LEVEL, device), fine[0]
 

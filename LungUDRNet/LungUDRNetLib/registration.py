@@ -197,8 +197,8 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     if refine_steps:
         report(0.4, f"refining the field on this pair ({refine_steps} + {2 * refine_steps} steps)")
         step = time.perf_counter()
-        fine = prepare_pair(fixed_image, moving_image, finer_config(config), roi_mask=fixed_mask)
-        flow, grid = refine_two_levels(flow, (grid, fixed_net, moving_net), fine, refine_steps, used)
+        flow, grid = refine_two_levels(flow, (grid, fixed_net, moving_net), fixed_image, moving_image, config,
+                                       refine_steps, used, roi_mask=fixed_mask)
         timings["refine"] = time.perf_counter() - step
 
     report(0.7, "mapping the displacement field to the fixed image grid")

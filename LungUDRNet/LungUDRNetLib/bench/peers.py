@@ -24,7 +24,7 @@ from ..checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained
 from ..io import read_displacement_field
 from ..model import UDRNet
 from ..preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
-from ..refine import finer_config, refine_two_levels
+from ..refine import refine_two_levels
 from ..registration import predict_flow
 from .voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 
@@ -95,8 +95,7 @@ def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, at
     grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
     flow = predict_flow(model, fixed01, moving01, torch.device("cpu"))
     if refine_steps:
-        fine = prepare_pair(fixed, moving, finer_config(preprocess))
-        flow, grid = refine_two_levels(flow, (grid, fixed01, moving01), fine, refine_steps)
+        flow, grid = refine_two_levels(flow, (grid, fixed01, moving01), fixed, moving, preprocess, refine_steps)
     return flow_to_fixed_field(flow, grid, fixed)
 
 
