@@ -30,11 +30,11 @@ test: install
 	-$(BIN)/python -m LungUDRNetLib.sample_data
 	$(BIN)/python -m pytest -q
 
-# UDRNet against elastix, ANTs, SimpleITK and VoxelMorph on the same pairs: bench/results.md, .csv, .png.
+# UDRNet against elastix, ANTs, SimpleITK and VoxelMorph on the same pairs: bench_results/results.md, .csv, .png.
 bench: sample-data
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python -m pip install --quiet --no-deps antspyx==0.6.3
-	$(BIN)/lungudrnet bench --out bench
+	$(BIN)/lungudrnet bench --out bench_results
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -2,7 +2,7 @@
 
 The panel only edits the parameter node, starts a registration in a child
 process, polls it and shows the result; everything else is in
-``LungUDRNetLib.slicer_logic`` (usable from the Python console without the
+``LungUDRNetSlicerLib`` (usable from the Python console without the
 panel) and the core library.
 """
 
@@ -26,7 +26,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from LungUDRNetLib.slicer_logic import RegistrationLogic, image_from_volume, update_volume_from_image
+from LungUDRNetSlicerLib.logic import RegistrationLogic
+from LungUDRNetSlicerLib.volumes import image_from_volume, update_volume_from_image
 
 BUNDLED, CHECKPOINT = "bundled weights", "checkpoint file"
 DEVICES = ["auto", "cuda", "cpu"]
@@ -289,7 +290,7 @@ def installTorch() -> bool:
 
 class LungUDRNetLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
     """The module's logic: ``process``, ``start`` and ``track_lesions`` of
-    :class:`LungUDRNetLib.slicer_logic.RegistrationLogic`, plus the module's parameter node.
+    :class:`LungUDRNetSlicerLib.logic.RegistrationLogic`, plus the module's parameter node.
     """
 
     def getParameterNode(self):

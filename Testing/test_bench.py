@@ -12,10 +12,10 @@ import SimpleITK as sitk
 import torch
 
 from LungUDRNetLib import register
-from LungUDRNetLib.bench.command import add_parser
-from LungUDRNetLib.bench.data import read_pair, tiny_pairs
-from LungUDRNetLib.bench.peers import Options, udrnet_refined
-from LungUDRNetLib.bench.runner import Job, run_job
+from LungUDRNetBench.command import add_parser
+from LungUDRNetBench.data import read_pair, tiny_pairs
+from LungUDRNetBench.peers import Options, udrnet_refined
+from LungUDRNetBench.runner import Job, run_job
 from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.refine import refine
 from LungUDRNetLib.warp import warp

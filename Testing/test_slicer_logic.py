@@ -26,8 +26,9 @@ from LungUDRNetLib.errors import CancelledError, InputError, LungUDRNetError
 from LungUDRNetLib.io import read_displacement_field, write_displacement_field
 from LungUDRNetLib.phantom import analytic_displacement, analytic_field, chest_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig
-from LungUDRNetLib.slicer_logic import (RegistrationLogic, image_from_volume, update_grid_transform_from_field,
-                                        update_volume_from_image)
+from LungUDRNetSlicerLib.logic import RegistrationLogic
+from LungUDRNetSlicerLib.volumes import (image_from_volume, mask_from_node, update_grid_transform_from_field,
+                                         update_volume_from_image)
 
 from conftest import oblique_direction
 

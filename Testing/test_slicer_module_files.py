@@ -128,17 +128,30 @@ def test_module_metadata():
     assert "class LungUDRNetTest(ScriptedLoadableModuleTest)" in source
 
 
-def test_slicer_logic_imports_only_mrml_vtk_numpy_and_the_core():
-    tree = ast.parse((MODULE / "LungUDRNetLib" / "slicer_logic.py").read_text())
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level packages a file imports at module level (relative imports excluded)."""
+    tree = ast.parse(path.read_text())
     imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in tree.body
-                 if isinstance(node, ast.ImportFrom) and node.level == 0}
+    return imported | {node.module.split(".")[0] for node in tree.body
+                       if isinstance(node, ast.ImportFrom) and node.level == 0}
+
+
+def test_slicer_logic_imports_only_mrml_vtk_numpy_and_the_core():
     standard = {"__future__", "contextlib", "dataclasses", "functools", "logging", "pathlib", "typing"}
-    assert imported - standard == {"numpy", "SimpleITK", "slicer", "vtk"}
+    for name in ("logic", "volumes", "lesions"):
+        imported = top_level_imports(MODULE / "LungUDRNetSlicerLib" / f"{name}.py") - standard
+        assert imported <= {"numpy", "SimpleITK", "slicer", "vtk", "LungUDRNetLib"}, (name, imported)
+
+
+def test_the_core_imports_no_slicer_no_trainer_no_bench():
+    for path in (MODULE / "LungUDRNetLib").rglob("*.py"):
+        source = path.read_text()
+        for forbidden in ("slicer", "vtk", "qt", "LungUDRNetTrainerLib", "LungUDRNetBench", "LungUDRNetSlicerLib"):
+            assert not re.search(rf"^\s*(import|from) {forbidden}\b", source, re.MULTILINE), (path.name, forbidden)
 
 
 def test_the_module_logic_imports_without_torch():
-    code = "import sys, LungUDRNetLib.slicer_logic; sys.exit(int('torch' in sys.modules))"
+    code = "import sys, LungUDRNetSlicerLib.logic; sys.exit(int('torch' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -149,7 +162,7 @@ def cmake_list(text: str, variable: str) -> set[str]:
 
 def test_cmake_lists_every_python_file_and_resource():
     text = (MODULE / "CMakeLists.txt").read_text()
-    python_files = {MODULE_FILE, *(MODULE / "LungUDRNetLib").rglob("*.py")}
+    python_files = {MODULE_FILE, *(MODULE / "LungUDRNetLib").rglob("*.py"), *(MODULE / "LungUDRNetSlicerLib").rglob("*.py")}
     resources = {path for path in (MODULE / "Resources").rglob("*") if path.is_file()}
     assert cmake_list(text, "MODULE_PYTHON_SCRIPTS") == {p.relative_to(MODULE).as_posix() for p in python_files}
     assert cmake_list(text, "MODULE_PYTHON_RESOURCES") == {p.relative_to(MODULE).as_posix() for p in resources}

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from LungUDRNetLib.bench.peers import Options, voxelmorph_package
+from LungUDRNetBench.peers import Options, voxelmorph_package
 from LungUDRNetLib.checkpoint import load_model, read_checkpoint
 from LungUDRNetLib.errors import ModelError
 from LungUDRNetLib.io import read_image

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .bench.voxelmorph_net import is_voxelmorph_config
+from .voxelmorph_net import is_voxelmorph_config
 from .errors import CancelledError, ModelError
 from .io import atomic_path
 from .model import UDRNet, UDRNetConfig

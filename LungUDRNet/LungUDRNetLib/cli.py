@@ -1,4 +1,4 @@
-"""The ``lungudrnet`` command line: ``register`` and ``demo`` (the trainer adds ``train``/``evaluate``).
+"""The ``lungudrnet`` command line: ``register`` and ``demo``; the trainer and the bench add theirs.
 
 Exit status: 0 on success; on a problem the user can fix, one line naming the
 input and what is wrong, and the status of the error class (2 input/model/
@@ -8,14 +8,19 @@ device, 3 output, 4 resources, 130 interrupted by Ctrl-C or SIGTERM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable, Iterable
 
 from .errors import CancelledError, LungUDRNetError, ResourceError
 
 log = logging.getLogger("LungUDRNetLib")
+COMMANDS_GROUP = "lungudrnet.commands"
+AddParsers = Callable[[argparse._SubParsersAction], None]
 
 
 def add_register_parser(subparsers) -> None:
@@ -84,7 +89,7 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     print(f"results in {out_dir}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungudrnet", description=__doc__.splitlines()[0])
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
@@ -93,19 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_register_parser(subparsers)
     from .demo import add_demo_parser
     add_demo_parser(subparsers)
-    from LungUDRNetTrainerLib.commands import add_parsers as add_trainer_parsers
-    add_trainer_parsers(subparsers)
-    from .bench.command import add_parser as add_bench_parser
-    add_bench_parser(subparsers)
+    for add_parsers in command_plugins(extra_commands):
+        add_parsers(subparsers)
     return parser
+
+
+def command_plugins(extra_commands: Iterable[AddParsers] = ()) -> list[AddParsers]:
+    """The subcommands that other packages add (``train``, ``evaluate``, ``bench``), each once.
+
+    Installed packages declare them as entry points of the group
+    ``lungudrnet.commands``; a caller that is not installed (Slicer's child
+    processes) passes its own in ``extra_commands``. The core imports none of them.
+    """
+    plugins = {f"{add.__module__}:{add.__qualname__}": add for add in extra_commands}
+    for entry_point in entry_points(group=COMMANDS_GROUP):
+        if entry_point.value not in plugins:
+            with contextlib.suppress(ImportError):  # a plugin whose dependencies are not installed
+                plugins[entry_point.value] = entry_point.load()
+    return list(plugins.values())
 
 
 def _raise_cancelled(signum, frame) -> None:
     raise CancelledError(f"interrupted by signal {signal.Signals(signum).name}; no partial output was kept")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extra_commands: Iterable[AddParsers] = ()) -> int:
+    """Run the ``lungudrnet`` command line; ``extra_commands`` as in :func:`command_plugins`."""
+    args = build_parser(extra_commands).parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_cancelled)

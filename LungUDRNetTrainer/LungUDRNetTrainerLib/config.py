@@ -19,7 +19,7 @@ import yaml
 
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.io import atomic_path
-from LungUDRNetLib.bench.voxelmorph_net import VoxelMorphNetConfig
+from LungUDRNetLib.voxelmorph_net import VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNetConfig
 from LungUDRNetLib.preprocess import PreprocessConfig
 

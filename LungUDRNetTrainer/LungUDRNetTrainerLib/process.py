@@ -23,7 +23,8 @@ LIBRARY_PARENTS = list(dict.fromkeys(str(Path(module).resolve().parents[1])
 EPOCH_BAR = re.compile(r"epoch (\d+)/(\d+):\s*(\d+)%")
 EPOCH_SUMMARY = re.compile(r"training: (epoch \d+: .*)$")
 ERROR_PREFIX = "lungudrnet: error: "
-LAUNCHER = ("import sys; sys.path[:0] = {paths!r}; from LungUDRNetLib.cli import main; sys.exit(main())")
+LAUNCHER = ("import sys; sys.path[:0] = {paths!r}; from LungUDRNetLib.cli import main; "
+            "from LungUDRNetTrainerLib.commands import add_parsers; sys.exit(main(extra_commands=[add_parsers]))")
 
 
 def train_arguments(run_dir: str | Path, data: str | Path | None = None, preset: str = "paper",

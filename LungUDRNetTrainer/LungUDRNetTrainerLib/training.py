@@ -48,7 +48,7 @@ from LungUDRNetLib.checkpoint import read_checkpoint, save_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError, TrainingError
 from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.losses import registration_loss
-from LungUDRNetLib.bench.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
+from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
 from LungUDRNetLib.warp import warp
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from .errors import ModelError
 
 ARCHITECTURE = "voxelmorph-package"
 

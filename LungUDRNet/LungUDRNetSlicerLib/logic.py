@@ -1,4 +1,4 @@
-"""MRML nodes <-> the LungUDRNet core: the logic of the Slicer module, usable without its GUI.
+"""The registration logic of the Slicer module on MRML nodes, usable without its GUI.
 
 Needs only Slicer's MRML libraries (the Slicer application or the ``slicer-core``
 package), VTK, numpy and the core library; torch is imported when a
@@ -27,75 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import SimpleITK as sitk
 import slicer
-import vtk
-from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
-from .errors import InputError
-from .geometry import field_in_ras, geometry_from_index_to_ras, index_to_ras_matrix
+from LungUDRNetLib.errors import InputError
+
+from .lesions import LesionTracking, track_lesions
+from .volumes import image_from_volume, mask_from_node, update_grid_transform_from_field, update_volume_from_image
 
 Progress = Callable[[float, str], None]
 ATTRIBUTE_PREFIX = "LungUDRNet."
-BINARY_LABELMAP = "Binary labelmap"
 
-
-# --- volumes and fields -----------------------------------------------------------------------------
-
-def image_from_volume(volume, what: str = "volume") -> sitk.Image:
-    """A scalar volume node's voxels as a SimpleITK image with the node's full IJK->RAS geometry (in LPS).
-
-    Spacing, origin and direction (oblique or flipped axes included) come from
-    the node's IJK->RAS matrix; the voxel values are copied.
-    """
-    image_data = volume.GetImageData() if volume is not None else None
-    if image_data is None:
-        raise InputError(f"{what}: no volume selected, or it holds no image data")
-    if image_data.GetNumberOfScalarComponents() != 1:
-        raise InputError(f"{what} '{volume.GetName()}': has {image_data.GetNumberOfScalarComponents()} "
-                         "components per voxel; a scalar (CT) volume is needed")
-    values = vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(image_data.GetDimensions()[::-1])
-    image = sitk.GetImageFromArray(np.array(values))
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(ijk_to_ras)
-    origin, spacing, direction = geometry_from_index_to_ras(slicer.util.arrayFromVTKMatrix(ijk_to_ras))
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
-
-
-def update_volume_from_image(volume, image: sitk.Image) -> None:
-    """Set a scalar volume node's voxels and IJK->RAS matrix from a SimpleITK image (LPS geometry)."""
-    slicer.util.updateVolumeFromArray(volume, sitk.GetArrayFromImage(image))
-    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(index_to_ras_matrix(image)))
-
-
-def update_grid_transform_from_field(transform, displacement: sitk.Image) -> None:
-    """Make a transform node the resampling transform of a core displacement field.
-
-    ``displacement`` is the core's pull field (LPS mm on the fixed grid). The
-    node gets a ``vtkOrientedGridTransform`` on the same grid (RAS origin,
-    spacing, direction matrix) holding the displacements in RAS mm, set as the
-    transform "from parent": a fixed point p (RAS) maps to p + u(p).
-    """
-    vectors, origin, spacing, direction = field_in_ras(displacement)
-    grid = vtk.vtkImageData()
-    grid.SetOrigin(*origin)
-    grid.SetSpacing(*spacing)
-    grid.SetDimensions(*displacement.GetSize())
-    grid.GetPointData().SetScalars(numpy_to_vtk(vectors.reshape(-1, 3).astype(np.float32), deep=True))
-    grid_direction = np.eye(4)
-    grid_direction[:3, :3] = direction
-    grid_transform = slicer.vtkOrientedGridTransform()
-    grid_transform.SetDisplacementGridData(grid)
-    grid_transform.SetGridDirectionMatrix(slicer.util.vtkMatrixFromArray(grid_direction))
-    grid_transform.SetInterpolationModeToLinear()
-    transform.SetAndObserveTransformFromParent(grid_transform)
-
-
-# --- registration -----------------------------------------------------------------------------------
 
 @dataclass
 class RegistrationOutput:
@@ -138,8 +80,8 @@ class RegistrationLogic:
         raised by it (e.g. :class:`~LungUDRNetLib.errors.CancelledError`)
         stops the run with the scene unchanged: nodes are made only at the end.
         """
-        from .registration import register
-        from .report import registration_report
+        from LungUDRNetLib.registration import register
+        from LungUDRNetLib.report import registration_report
 
         images = input_images(fixed_volume, moving_volume, fixed_mask, moving_mask)
         plan = OutputPlan(fixed_volume, moving_volume, warped_volume, transform, show_aligned, device)
@@ -160,36 +102,15 @@ class RegistrationLogic:
         The input volumes are copied now; the outputs are made by
         :meth:`RegistrationJob.finish`. ``model`` is a checkpoint path or None.
         """
-        from .background import RegistrationProcess
+        from LungUDRNetLib.background import RegistrationProcess
 
         images = input_images(fixed_volume, moving_volume, fixed_mask, moving_mask)
         plan = OutputPlan(fixed_volume, moving_volume, warped_volume, transform, show_aligned, device)
         return RegistrationJob(RegistrationProcess(images, model=model, device=device, refine_steps=refine_steps), plan)
 
     def track_lesions(self, lesions, transform) -> LesionTracking:
-        """Move lesions drawn on the moving scan into the fixed scan and measure how they moved.
-
-        ``lesions`` is a segmentation or markups node in the moving volume's
-        coordinates; ``transform`` a registration output. A copy of
-        ``lesions`` is hardened through the transform (``lesions`` is left as
-        it is), and a table node lists per segment or point the position
-        before and after (RAS mm; the centroid for segments), the
-        displacement (mm) and, for segments, the volume before and after (mL).
-        """
-        _ensure_segmentation_converters()
-        before = lesion_positions(lesions)
-        scene = lesions.GetScene()
-        moved_name = scene.GenerateUniqueName(f"{lesions.GetName()} in fixed")
-        moved = scene.AddNewNodeByClass(lesions.GetClassName(), moved_name)
-        moved.CopyContent(lesions, True)
-        moved.CreateDefaultDisplayNodes()
-        moved.SetAndObserveTransformNodeID(transform.GetID())
-        slicer.vtkSlicerTransformLogic.hardenTransform(moved)
-        after = lesion_positions(moved)
-        motions = [LesionMotion(name, position, moved_position, volume, moved_volume)
-                   for (name, position, volume), (_, moved_position, moved_volume) in zip(before, after)]
-        table = motion_table(scene, scene.GenerateUniqueName(f"{lesions.GetName()} motion"), motions)
-        return LesionTracking(moved, table, motions)
+        """Move lesions drawn on the moving scan into the fixed scan (see :func:`.lesions.track_lesions`)."""
+        return track_lesions(lesions, transform)
 
 
 def input_images(fixed_volume, moving_volume, fixed_mask=None, moving_mask=None) -> dict[str, sitk.Image | None]:
@@ -198,8 +119,8 @@ def input_images(fixed_volume, moving_volume, fixed_mask=None, moving_mask=None)
         raise InputError("moving volume: is the fixed volume; choose two different scans")
     images = {"fixed": image_from_volume(fixed_volume, "fixed volume"),
               "moving": image_from_volume(moving_volume, "moving volume")}
-    for key, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
-        images[key] = None if mask is None else image_from_volume(mask, key.replace("_", " "))
+    for key, mask, volume in (("fixed_mask", fixed_mask, fixed_volume), ("moving_mask", moving_mask, moving_volume)):
+        images[key] = None if mask is None else mask_from_node(mask, volume, key.replace("_", " "))
     return images
 
 
@@ -313,88 +234,4 @@ class RegistrationJob:
         """Stop the child and everything it started; the scene stays as it was."""
         self._process.cancel()
 
-
-# --- lesion tracking --------------------------------------------------------------------------------
-
-@dataclass
-class LesionMotion:
-    """Where one segment (its centroid) or point lies before and after, in RAS mm; volumes in mL."""
-
-    name: str
-    before: np.ndarray
-    after: np.ndarray
-    volume_before_ml: float | None = None
-    volume_after_ml: float | None = None
-
-    @property
-    def displacement_mm(self) -> float:
-        """Distance moved, in mm."""
-        return float(np.linalg.norm(self.after - self.before))
-
-
-@dataclass
-class LesionTracking:
-    """Result of :meth:`RegistrationLogic.track_lesions`."""
-
-    node: object
-    table: object
-    motions: list[LesionMotion]
-
-
-def lesion_positions(node) -> list[tuple[str, np.ndarray, float | None]]:
-    """(name, RAS position in the node's own coordinates, volume in mL or None) per segment or point."""
-    if isinstance(node, slicer.vtkMRMLSegmentationNode):
-        segmentation = node.GetSegmentation()
-        segmentation.CreateRepresentation(BINARY_LABELMAP)
-        return [(segmentation.GetSegment(segment_id).GetName(), *segment_centroid_and_volume(node, segment_id))
-                for segment_id in segmentation.GetSegmentIDs()]
-    if isinstance(node, slicer.vtkMRMLMarkupsNode):
-        positions = []
-        for index in range(node.GetNumberOfControlPoints()):
-            position = np.zeros(3)
-            node.GetNthControlPointPosition(index, position)
-            positions.append((node.GetNthControlPointLabel(index), position, None))
-        return positions
-    raise InputError(f"lesions '{node.GetName()}': need a segmentation or markups node, not {node.GetClassName()}")
-
-
-def segment_centroid_and_volume(node, segment_id: str) -> tuple[np.ndarray, float]:
-    """Centroid (RAS mm, node coordinates) and volume (mL) of a segment's binary labelmap."""
-    labelmap = node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    label = node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    values = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(labelmap.GetDimensions()[::-1])
-    indices = np.argwhere(values == label)[:, ::-1] + np.asarray(labelmap.GetExtent()[::2])  # (i, j, k)
-    image_to_ras = vtk.vtkMatrix4x4()
-    labelmap.GetImageToWorldMatrix(image_to_ras)
-    matrix = slicer.util.arrayFromVTKMatrix(image_to_ras)
-    centroid = (indices @ matrix[:3, :3].T + matrix[:3, 3]).mean(axis=0) if len(indices) else np.full(3, np.nan)
-    return centroid, len(indices) * abs(np.linalg.det(matrix[:3, :3])) / 1000.0
-
-
-def motion_table(scene, name: str, motions: list[LesionMotion]):
-    """A table node with one row per lesion: positions before/after (RAS mm), displacement, volumes."""
-    def column(title: str, values: list, array_class=vtk.vtkDoubleArray):
-        array = array_class()
-        array.SetName(title)
-        for value in values:
-            array.InsertNextValue(np.nan if value is None else value)
-        return array
-
-    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    table.AddColumn(column("Lesion", [m.name for m in motions], vtk.vtkStringArray))
-    for state in ("before", "after"):
-        for axis, letter in enumerate("RAS"):
-            table.AddColumn(column(f"{letter} {state} (mm)", [float(getattr(m, state)[axis]) for m in motions]))
-    table.AddColumn(column("Displacement (mm)", [m.displacement_mm for m in motions]))
-    table.AddColumn(column("Volume before (mL)", [m.volume_before_ml for m in motions]))
-    table.AddColumn(column("Volume after (mL)", [m.volume_after_ml for m in motions]))
-    return table
-
-
-def _ensure_segmentation_converters() -> None:
-    """Register the labelmap/surface converters (done by the Segmentations module in the Slicer app)."""
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    if factory.ConstructRepresentationObjectByClass("vtkOrientedImageData") is None:
-        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
-        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
 

@@ -20,13 +20,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
-from ..io import read_displacement_field
-from ..model import UDRNet
-from ..preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
-from ..refine import refine_two_levels
-from ..registration import predict_flow
-from .voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
+from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
+from LungUDRNetLib.io import read_displacement_field
+from LungUDRNetLib.model import UDRNet
+from LungUDRNetLib.preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
+from LungUDRNetLib.refine import refine_two_levels
+from LungUDRNetLib.registration import predict_flow
+from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 
 Field = sitk.Image
 
@@ -172,7 +172,7 @@ def sitk_demons(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Fiel
 
 def _normalised(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """CT windowed and normalised to [0, 1] (the network's preprocessing), float32, on ``image``'s grid."""
-    from ..preprocess import PreprocessConfig
+    from LungUDRNetLib.preprocess import PreprocessConfig
 
     result = sitk.GetImageFromArray(normalise_ct(sitk.GetArrayViewFromImage(image), PreprocessConfig()))
     result.CopyInformation(image)

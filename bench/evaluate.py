@@ -6,11 +6,11 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..geometry import field_to_transform
-from ..io import read_displacement_field, read_image
-from ..preprocess import PreprocessConfig
-from ..registration import RegistrationResult
-from ..report import registration_report
+from LungUDRNetLib.geometry import field_to_transform
+from LungUDRNetLib.io import read_displacement_field, read_image
+from LungUDRNetLib.preprocess import PreprocessConfig
+from LungUDRNetLib.registration import RegistrationResult
+from LungUDRNetLib.report import registration_report
 from .data import BenchPair
 
 

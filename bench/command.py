@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from . import data, tables
-from ..checkpoint import DEFAULT_WEIGHTS
-from ..errors import InputError
+from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS
+from LungUDRNetLib.errors import InputError
 from .evaluate import evaluate
 from .peers import METHODS, Options
 from .runner import Job, run_job
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 QUICK_METHODS = ["identity", "udrnet", "sitk-demons"]
 DEFAULT_ELASTIX_DIR = Path("..") / "shared" / "data" / "elastix_lung"
 # The baselines trained like the bundled weights (source tree only; see the model card beside them).
-BASELINE_MODELS = Path(__file__).resolve().parents[3] / "Resources" / "BaselineModels"
+BASELINE_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "BaselineModels"
 
 
 def _shipped(name: str) -> str | None:
@@ -33,7 +33,7 @@ def _shipped(name: str) -> str | None:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark UDRNet against its peers (TRE, time, memory)")
     parser.add_argument("--data", help="Learn2Reg-layout folder (imagesTr/, masksTr/, keypointsTr/, landmarksTr/)")
-    parser.add_argument("--out", default="bench", help="output folder (default: bench)")
+    parser.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 2 tiny phantom pairs, methods {', '.join(QUICK_METHODS)}, 1 repeat")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: "

@@ -1,6 +1,6 @@
 """Run one method on one pair in a child process: wall time and peak memory, crash-proof.
 
-The parent (:func:`run_job`) starts ``python -m LungUDRNetLib.bench.runner JOB.json``
+The parent (:func:`run_job`) starts ``python -m LungUDRNetBench.runner JOB.json``
 with the thread count in the environment. The child times the full pipeline of
 a user — read the pair from disk, register, warp the moving image, write the
 warped image and the field — once as a warm-up and then ``repeats`` times,
@@ -62,8 +62,8 @@ def _pipeline(job: Job) -> float:
     in the method alone (the field computation, without I/O and warping)."""
     import SimpleITK as sitk
 
-    from ..geometry import warp_image
-    from ..io import read_image, write_displacement_field, write_image
+    from LungUDRNetLib.geometry import warp_image
+    from LungUDRNetLib.io import read_image, write_displacement_field, write_image
     from .peers import METHODS, Options
 
     folder, out = Path(job.pair), Path(job.out)
@@ -127,7 +127,7 @@ def run_job(job: Job, timeout_s: float | None = None) -> RunResult:
     job_path.write_text(json.dumps(asdict(job)))
     env = {**os.environ, **{name: str(job.threads) for name in THREAD_VARIABLES}}
     try:
-        completed = subprocess.run([sys.executable, "-m", "LungUDRNetLib.bench.runner", str(job_path)],
+        completed = subprocess.run([sys.executable, "-m", "LungUDRNetBench.runner", str(job_path)],
                                    env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
                                    timeout=timeout_s)
     except subprocess.TimeoutExpired:

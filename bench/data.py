@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..geometry import index_to_points, transform_points
-from ..io import read_image, read_points, write_image
-from ..phantom import chest_phantom, make_grid
+from LungUDRNetLib.geometry import index_to_points, transform_points
+from LungUDRNetLib.io import read_image, read_points, write_image
+from LungUDRNetLib.phantom import chest_phantom, make_grid
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _write_breathing_pair(folder: Path, pair, seed: int, minimum: int = MIN_LAND
 def _source_ct(name: str) -> tuple[sitk.Image, str]:
     """A real chest CT by name (project sample data), or a phantom when it cannot be had."""
     try:
-        from ..sample_data import load_sample_ct
+        from LungUDRNetLib.sample_data import load_sample_ct
         return load_sample_ct(name), name
     except Exception as error:  # not installed yet, offline, ...
         log.warning("sample CT %s unavailable (%s); using a chest phantom instead", name, error)
@@ -98,7 +98,7 @@ def _source_ct(name: str) -> tuple[sitk.Image, str]:
 
 def synthetic_pairs(cache: Path, count: int, learn2reg_grid: bool = True) -> list[Path]:
     """The first ``count`` pairs of :data:`SYNTHETIC_PLAN`, generated once into ``cache``."""
-    from ..synth import learn2reg_like_grid, make_breathing_pair
+    from LungUDRNetLib.synth import learn2reg_like_grid, make_breathing_pair
 
     folders, sources = [], {}
     for source, seed, amplitude in SYNTHETIC_PLAN[:count]:
@@ -116,7 +116,7 @@ def synthetic_pairs(cache: Path, count: int, learn2reg_grid: bool = True) -> lis
 
 def elastix_ct_pair(cache: Path, folder: Path, amplitude_mm: float = 12.0) -> list[Path]:
     """A breathing pair from the elastix test chest CT on the Learn2Reg grid, when ``folder`` has it."""
-    from ..synth import learn2reg_like_grid, make_breathing_pair
+    from LungUDRNetLib.synth import learn2reg_like_grid, make_breathing_pair
 
     if not (folder / ELASTIX_CT).is_file():
         return []
@@ -159,7 +159,7 @@ def learn2reg_pairs(cache: Path, root: Path) -> list[Path]:
 
 def tiny_pairs(cache: Path, count: int = 2) -> list[Path]:
     """Small phantom breathing pairs (about 48 x 40 x 36 voxels) for smoke tests."""
-    from ..synth import make_breathing_pair
+    from LungUDRNetLib.synth import make_breathing_pair
 
     folders = []
     for seed in range(count):
