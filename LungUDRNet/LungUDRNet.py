@@ -6,13 +6,11 @@ process, polls it and shows the result; everything else is in
 panel) and the core library.
 """
 
-import importlib.util
 import pathlib
 import time
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import numpy as np
-import qt
 import SimpleITK as sitk
 import vtk
 
@@ -21,22 +19,20 @@ from slicer import (vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRML
                     vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest
 
+from LungUDRNetSlicerLib.dependencies import REGISTRATION_REQUIREMENTS, python_slicer, self_test_skip_reason
 from LungUDRNetSlicerLib.logic import RegistrationLogic
+from LungUDRNetSlicerLib.panel import JobPanelWidget, ensureRequirements
 from LungUDRNetSlicerLib.volumes import image_from_volume, update_volume_from_image
 
 BUNDLED, CHECKPOINT = "bundled weights", "checkpoint file"
 DEVICES = ["auto", "cuda", "cpu"]
-TORCH_REQUIREMENT = ">=2.1"
-# The core library's requirements (pyproject.toml) by import name, except torch (from the PyTorch extension)
-# and numpy and SimpleITK (bundled with Slicer).
-REQUIREMENTS = {"nibabel": "nibabel>=5.0", "scipy": "scipy>=1.10", "tqdm": "tqdm>=4.60",
-                "matplotlib": "matplotlib>=3.7", "yaml": "pyyaml>=6.0", "psutil": "psutil>=5.9"}
-POLL_INTERVAL_MS = 200
+MAX_REFINE_STEPS = 200
+CONTRIBUTORS = ["LungUDRNet developers (LungUDRNet open-source project)"]
+DISCLAIMER = ("For research use only: not a medical device, not for diagnosis or treatment decisions. Check every "
+              "result against the images.")
 
 
 #
@@ -52,7 +48,7 @@ class LungUDRNet(ScriptedLoadableModule):
         self.parent.title = _("LungUDRNet")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["LungUDRNet developers"]
+        self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = _("""
 Deformable registration of two lung CT scans (two breathing phases, or two dates) with UDRNet, an
 unsupervised network: pick the fixed and the moving CT (optionally their lung masks) and click Apply.
@@ -60,7 +56,7 @@ The result is the moving scan warped onto the fixed grid and a displacement-fiel
 applied to anything drawn on the moving scan; the Lesion tracking section moves a segmentation or
 markups from the moving scan into the fixed one and reports how far each lesion moved.
 See the <a href="https://github.com/LungUDRNet/SlicerLungUDRNet#use-in-3d-slicer">documentation</a>.
-""")
+""") + "<p>" + _(DISCLAIMER) + "</p>"
         self.parent.acknowledgementText = _("""
 LungUDRNet implements the method of "Unsupervised deformable registration of lung CT images with a
 hybrid attention mechanism (UDRNet)": a VoxelMorph-style encoder-decoder with scHAF spatial and channel
@@ -78,29 +74,29 @@ Hering et al. (CC BY 4.0).
 class LungUDRNetParameterNode:
     """
     fixedVolume, movingVolume - the CT scans; the moving one is registered onto the fixed one.
-    fixedMask, movingMask - optional lung masks: the fixed one focuses the network on the lungs;
-        both give the lung Dice before and after.
+    fixedMask, movingMask - optional lung masks (labelmap, or segmentation: all its segments): the fixed one
+        focuses the network on the lungs and gives the similarity inside them; both give the lung Dice.
     warpedVolume - output: the moving scan on the fixed grid (a new volume if empty).
     outputTransform - output: the displacement-field transform (a new transform if empty).
     showAligned - put the moving volume under the output transform.
-    model - the bundled weights, or a checkpoint file of the LungUDRNet trainer (checkpoint).
+    model - the bundled weights, or a checkpoint file of the LungUDRNet trainer (checkpoint; "" when unset).
     device - auto (CUDA GPU if available, else CPU), cuda, or cpu (force the CPU).
     refineSteps - 0: the network's field; N > 0: refine it on the pair (N + 2N optimisation steps).
     lesions - a segmentation or markups drawn on the moving scan, to follow into the fixed scan.
     """
 
-    fixedVolume: vtkMRMLScalarVolumeNode
-    movingVolume: vtkMRMLScalarVolumeNode
-    fixedMask: vtkMRMLLabelMapVolumeNode
-    movingMask: vtkMRMLLabelMapVolumeNode
-    warpedVolume: vtkMRMLScalarVolumeNode
-    outputTransform: vtkMRMLGridTransformNode
+    fixedVolume: Optional[vtkMRMLScalarVolumeNode]
+    movingVolume: Optional[vtkMRMLScalarVolumeNode]
+    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    warpedVolume: Optional[vtkMRMLScalarVolumeNode]
+    outputTransform: Optional[vtkMRMLGridTransformNode]
     showAligned: bool = True
     model: Annotated[str, Choice([BUNDLED, CHECKPOINT])] = BUNDLED
-    checkpoint: pathlib.Path
+    checkpoint: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    refineSteps: int = 0
-    lesions: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsFiducialNode]
+    refineSteps: Annotated[int, WithinRange(0, MAX_REFINE_STEPS)] = 0
+    lesions: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsFiducialNode, None]
 
 
 #
@@ -108,85 +104,21 @@ class LungUDRNetParameterNode:
 #
 
 
-class JobPanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """What both panels of the extension share: the .ui bound to a parameter node, whose changes call
-    ``_updateButtons``, and a timer that calls ``_onPoll`` while a child-process job (``_job``) runs."""
-
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
-        self._pollTimer = None
-
-    def setupPanel(self, uiFile: str, pollIntervalMs: int = POLL_INTERVAL_MS) -> "qt.QWidget":
-        """Load ``Resources/UI/<uiFile>`` into the panel (``self.ui``) and create the poll timer."""
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{uiFile}"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(pollIntervalMs)
-        self._pollTimer.connect("timeout()", self._onPoll)
-        return uiWidget
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
-
-    def _updateButtons(self, caller=None, event=None) -> None:
-        raise NotImplementedError
-
-    def _onPoll(self) -> None:
-        raise NotImplementedError
-
-
 class LungUDRNetWidget(JobPanelWidget):
     """The panel: parameter node bound to the .ui widgets, Apply/Cancel, progress, lesion tracking."""
 
-    def setup(self) -> None:
-        uiWidget = self.setupPanel("LungUDRNet.ui")
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+    uiFile = "LungUDRNet.ui"
+
+    def setupLogic(self) -> None:
         self.logic = LungUDRNetLogic()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+    def setupButtons(self) -> None:
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.trackButton.connect("clicked(bool)", self.onTrackButton)
-        self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        self._cancelRun()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self._cancelRun()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume:
-            self._parameterNode.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+    def _initializeParameters(self, parameters) -> None:
+        if not parameters.fixedVolume:
+            parameters.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def _updateButtons(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
@@ -200,24 +132,22 @@ class LungUDRNetWidget(JobPanelWidget):
     def onApplyButton(self) -> None:
         """Apply starts a registration in a child process; while it runs, the same button cancels it."""
         if self._job:
-            self._cancelRun()
+            self._cancelJob()
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             return
-        if not ensureDependencies():
+        if not ensureRequirements(REGISTRATION_REQUIREMENTS):
             return
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
-            model = parameters.checkpoint if parameters.model == CHECKPOINT else None
+            model = pathlib.Path(parameters.checkpoint) if parameters.model == CHECKPOINT else None
             if model is not None and not model.is_file():
                 raise ValueError(_("Choose a checkpoint file (.pt) of the LungUDRNet trainer."))
-            self._job = self.logic.start(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
-                                         parameters.movingMask, model=model, device=parameters.device,
-                                         warped_volume=parameters.warpedVolume,
-                                         transform=parameters.outputTransform, show_aligned=parameters.showAligned,
-                                         refine_steps=parameters.refineSteps)
-            self.ui.progressBar.value = 0
-            self._pollTimer.start()
-        self._updateButtons()
+            job = self.logic.start(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
+                                   parameters.movingMask, model=model, device=parameters.device,
+                                   warped_volume=parameters.warpedVolume, transform=parameters.outputTransform,
+                                   show_aligned=parameters.showAligned, refine_steps=parameters.refineSteps,
+                                   python=python_slicer())
+            self.startPolling(job)
 
     def _onPoll(self) -> None:
         ended = self._job.poll()
@@ -225,9 +155,7 @@ class LungUDRNetWidget(JobPanelWidget):
         self.ui.statusLabel.text = self._job.message
         if not ended:
             return
-        job, self._job = self._job, None
-        self._pollTimer.stop()
-        self._updateButtons()
+        job = self.stopPolling()
         self.ui.statusLabel.text = _("Registration failed.")
         with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
             output = job.finish()
@@ -237,12 +165,9 @@ class LungUDRNetWidget(JobPanelWidget):
                                              foreground=output.warped_volume, foregroundOpacity=0.5)
             self.ui.statusLabel.text = output.summary()
 
-    def _cancelRun(self) -> None:
+    def _cancelJob(self) -> None:
         if self._job:
-            self._pollTimer.stop()
-            self._job.cancel()
-            self._job = None
-            self._updateButtons()
+            self.stopPolling().cancel()
 
     def onTrackButton(self) -> None:
         parameters = self._parameterNode
@@ -251,36 +176,6 @@ class LungUDRNetWidget(JobPanelWidget):
             self.ui.lesionTableView.setMRMLTableNode(tracking.table)
             self.ui.statusLabel.text = _("{name}: moved into the fixed scan; {count} lesion(s) measured.").format(
                 name=tracking.node.GetName(), count=len(tracking.motions))
-
-
-def ensureDependencies() -> bool:
-    """Install what the registration needs, after asking; False if the user declines or nothing could be done."""
-    if importlib.util.find_spec("torch") is None and not installTorch():
-        return False
-    missing = [requirement for name, requirement in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
-    if missing and not slicer.util.confirmOkCancelDisplay(
-            _("LungUDRNet needs these Python packages: {packages}. Install them now?").format(
-                packages=", ".join(missing)), windowTitle=_("Install Python packages")):
-        return False
-    for requirement in missing:
-        slicer.util.pip_install(requirement)
-    return True
-
-
-def installTorch() -> bool:
-    """Install PyTorch with the PyTorch extension's installer (it picks the CUDA build), after asking."""
-    try:
-        import PyTorchUtils
-    except ModuleNotFoundError:
-        slicer.util.errorDisplay(_("LungUDRNet needs PyTorch: install the 'PyTorch' extension from the "
-                                   "Extensions Manager, restart Slicer and try again."))
-        return False
-    if not slicer.util.confirmOkCancelDisplay(
-            _("LungUDRNet needs PyTorch, which is not installed yet. Download and install it now? "
-              "This may take several minutes."), windowTitle=_("Install PyTorch")):
-        return False
-    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    return torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is not None
 
 
 #
@@ -309,6 +204,10 @@ class LungUDRNetTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        skipReason = self_test_skip_reason(REGISTRATION_REQUIREMENTS)
+        if skipReason:
+            self.delayDisplay(skipReason)
+            return
         self.setUp()
         self.test_logic_registers_a_phantom_pair()
         self.setUp()

@@ -16,12 +16,14 @@ from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest
 
-from LungUDRNet import JobPanelWidget, ensureDependencies
+from LungUDRNetSlicerLib.dependencies import TRAINING_REQUIREMENTS, python_slicer, self_test_skip_reason
+from LungUDRNetSlicerLib.panel import JobPanelWidget, ensureRequirements
 
 PRESETS = ["paper", "fast", "smoke"]
 MODELS = ["udrnet", "voxelmorph"]
 DEVICES = ["auto", "cuda", "cpu"]
 POLL_INTERVAL_MS = 500
+CONTRIBUTORS = ["LungUDRNet developers (LungUDRNet open-source project)"]
 
 
 class LungUDRNetTrainer(ScriptedLoadableModule):
@@ -32,7 +34,7 @@ class LungUDRNetTrainer(ScriptedLoadableModule):
         self.parent.title = _("LungUDRNet Trainer")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = ["LungUDRNet"]
-        self.parent.contributors = ["LungUDRNet developers"]
+        self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = _("""
 Train UDRNet (or the 3D VoxelMorph baseline) on a folder of lung CT pairs in the Learn2Reg layout, in a
 background process. The run folder receives config.yaml, log.csv, last.pt and best.pt; use best.pt as the
@@ -56,8 +58,8 @@ class LungUDRNetTrainerParameterNode:
     resume - continue the run in runFolder from its last.pt instead of starting a new one.
     """
 
-    dataFolder: pathlib.Path
-    runFolder: pathlib.Path
+    dataFolder: str = ""
+    runFolder: str = ""
     preset: Annotated[str, Choice(PRESETS)] = "paper"
     model: Annotated[str, Choice(MODELS)] = "udrnet"
     device: Annotated[str, Choice(DEVICES)] = "auto"
@@ -65,52 +67,45 @@ class LungUDRNetTrainerParameterNode:
 
 
 class LungUDRNetTrainerWidget(JobPanelWidget):
-    """The panel: parameter node bound to the .ui widgets, Start/Stop, progress and last scores."""
+    """The panel: parameter node bound to the .ui widgets, Start/Stop/Kill, progress and last scores."""
 
-    def setup(self) -> None:
-        self.setupPanel("LungUDRNetTrainer.ui", POLL_INTERVAL_MS)
+    uiFile = "LungUDRNetTrainer.ui"
+    pollIntervalMs = POLL_INTERVAL_MS
+
+    def setupLogic(self) -> None:
         self.logic = LungUDRNetTrainerLogic()
-        self.ui.startButton.connect("clicked(bool)", self.onStartButton)
-        self.setParameterNode(self.logic.getParameterNode())
 
-    def cleanup(self) -> None:
-        if self._job:
-            self._pollTimer.stop()
-            self._job.kill()
-            self._job = None
-        self.setParameterNode(None)
+    def setupButtons(self) -> None:
+        self.ui.startButton.connect("clicked(bool)", self.onStartButton)
 
     def _updateButtons(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
         if self._job:
-            self.ui.startButton.text = _("Kill") if self._job.message.startswith("stopping") else _("Stop")
+            self.ui.startButton.text = _("Kill") if self._job.stopping else _("Stop")
             self.ui.startButton.enabled = True
             return
         self.ui.startButton.text = _("Start")
-        ready = bool(parameters and str(parameters.runFolder) not in ("", "."))
-        self.ui.startButton.enabled = ready and (parameters.resume or str(parameters.dataFolder) not in ("", "."))
+        ready = bool(parameters and parameters.runFolder)
+        self.ui.startButton.enabled = ready and (parameters.resume or bool(parameters.dataFolder))
 
     def onStartButton(self) -> None:
         """Start a run; while it runs the button asks it to stop, and then kills it."""
         if self._job:
-            if self._job.message.startswith("stopping"):
+            if self._job.stopping:
                 self._job.kill()
             else:
                 self._job.stop()
             self._updateButtons()
             return
-        if not ensureDependencies():
+        if not ensureRequirements(TRAINING_REQUIREMENTS):
             return
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the training."), waitCursor=True):
             from LungUDRNetTrainerLib.process import TrainingProcess, train_arguments
             arguments = train_arguments(parameters.runFolder, parameters.dataFolder, parameters.preset,
                                         parameters.model, parameters.device, parameters.resume)
-            self._job = TrainingProcess(parameters.runFolder, arguments)
-            self.ui.progressBar.value = 0
             self.ui.summaryLabel.text = ""
-            self._pollTimer.start()
-        self._updateButtons()
+            self.startPolling(TrainingProcess(parameters.runFolder, arguments, python=python_slicer()))
 
     def _onPoll(self) -> None:
         ended = self._job.poll()
@@ -118,9 +113,13 @@ class LungUDRNetTrainerWidget(JobPanelWidget):
         self.ui.statusLabel.text = self._job.message
         self.ui.summaryLabel.text = self._job.summary
         if ended:
-            self._pollTimer.stop()
-            self._job = None
-        self._updateButtons()
+            self.stopPolling()
+        else:
+            self._updateButtons()
+
+    def _cancelJob(self) -> None:
+        if self._job:
+            self.stopPolling().kill()
 
 
 class LungUDRNetTrainerLogic(ScriptedLoadableModuleLogic):
@@ -137,6 +136,10 @@ class LungUDRNetTrainerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        skipReason = self_test_skip_reason(TRAINING_REQUIREMENTS)
+        if skipReason:
+            self.delayDisplay(skipReason)
+            return
         self.setUp()
         self.test_panel_trains_a_smoke_run()
 
@@ -151,8 +154,8 @@ class LungUDRNetTrainerTest(ScriptedLoadableModuleTest):
         slicer.util.selectModule("LungUDRNetTrainer")
         widget = slicer.modules.LungUDRNetTrainerWidget
         parameters = widget.logic.getParameterNode()
-        parameters.dataFolder = write_toy_learn2reg(folder / "data", cases=4, val_cases=1)
-        parameters.runFolder = folder / "run"
+        parameters.dataFolder = str(write_toy_learn2reg(folder / "data", cases=4, val_cases=1))
+        parameters.runFolder = str(folder / "run")
         parameters.preset, parameters.device, parameters.resume = "smoke", "cpu", False
         widget.ui.startButton.click()
         self.assertEqual(widget.ui.startButton.text, "Stop")

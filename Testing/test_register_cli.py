@@ -12,32 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from LungUDRNetLib import register
-from LungUDRNetLib.checkpoint import save_checkpoint, untrained_model
 from LungUDRNetLib.cli import main
 from LungUDRNetLib.errors import InputError
-from LungUDRNetLib.geometry import warp_image
-from LungUDRNetLib.io import write_image
-from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
-from LungUDRNetLib.preprocess import PreprocessConfig
 
-from conftest import oblique_direction
 from robustness_cases import checksums
-
-
-@pytest.fixture
-def phantom_files(tmp_path):
-    """A fixed/moving phantom pair on different oblique grids, a lung mask, and a tiny checkpoint."""
-    moving = chest_phantom(make_grid((40, 36, 30), (1.8, 2.0, 2.6), (-36.0, -36.0, -39.0)), seed=1)
-    fixed_grid = make_grid((36, 34, 28), (2.0, 2.2, 2.8), (-35.0, -38.0, -40.0), oblique_direction(10.0))
-    fixed = warp_image(moving, analytic_field(fixed_grid, translation_mm=(0.0, 0.0, 3.0), amplitude_mm=2.0))
-    model, _, _ = untrained_model()
-    paths = {
-        "fixed": write_image(fixed, tmp_path / "fixed.nrrd"),
-        "moving": write_image(moving, tmp_path / "moving.mha"),
-        "fixed_mask": write_image(lung_mask_phantom(fixed), tmp_path / "fixed_mask.nii.gz"),
-        "model": save_checkpoint(tmp_path / "model.pt", model, PreprocessConfig(grid_shape=(32, 32, 32))),
-    }
-    return paths
 
 
 def test_register_returns_fields_on_the_fixed_grid(phantom_files):

@@ -9,6 +9,7 @@ widgets bound to it, and the packaging files against the repository.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import re
 import struct
@@ -20,9 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from LungUDRNetSlicerLib.dependencies import (REGISTRATION_REQUIREMENTS, TORCH_REQUIREMENT, TRAINING_REQUIREMENTS,
+                                              unmet)
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "LungUDRNet"
 MODULE_FILE = MODULE / "LungUDRNet.py"
+PANEL_FILE = MODULE / "LungUDRNetSlicerLib" / "panel.py"
+TRAINER_FILE = ROOT / "LungUDRNetTrainer" / "LungUDRNetTrainer.py"
 UI_FILE = MODULE / "Resources" / "UI" / "LungUDRNet.ui"
 CATALOG_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                       "dicom_support_rule", "build_subdirectory", "enabled", "tier"}  # catalog entry schema v1.0.2
@@ -43,10 +49,10 @@ def parameter_name(widget: ET.Element) -> str | None:
     return None
 
 
-def parameter_fields() -> dict[str, str]:
-    """Fields of the module's parameter node class -> their annotations (source text)."""
-    node_class = next(node for node in ast.walk(module_tree())
-                      if isinstance(node, ast.ClassDef) and node.name == "LungUDRNetParameterNode")
+def parameter_fields(path: Path = MODULE_FILE, class_name: str = "LungUDRNetParameterNode") -> dict[str, str]:
+    """Fields of a module's parameter node class -> their annotations (source text)."""
+    node_class = next(node for node in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(node, ast.ClassDef) and node.name == class_name)
     return {statement.target.id: ast.unparse(statement.annotation)
             for statement in node_class.body if isinstance(statement, ast.AnnAssign)}
 
@@ -57,7 +63,9 @@ def widget_class_for(annotation: str) -> str:
         return "qMRMLNodeComboBox"
     if "Choice(" in annotation:
         return "QComboBox"
-    return {"bool": "QCheckBox", "int": "QSpinBox", "pathlib.Path": "ctkPathLineEdit"}[annotation]
+    if "WithinRange(" in annotation:
+        return "QSpinBox"
+    return {"bool": "QCheckBox", "int": "QSpinBox", "str": "ctkPathLineEdit"}[annotation]
 
 
 def test_every_widget_the_module_uses_is_in_the_ui_file():
@@ -84,9 +92,8 @@ def test_every_mrml_widget_gets_the_scene():
     assert receivers == mrml_widgets
 
 
-def test_packages_are_installed_only_after_apply():
-    """torch and pip packages are installed by ensureDependencies, called from Apply only (never at import)."""
-    tree = module_tree()
+def calls_by_function(tree: ast.Module) -> dict[str, set[str]]:
+    """Called name -> the functions of ``tree`` that call it."""
     callers: dict[str, set[str]] = {}
     for function in ast.walk(tree):
         if isinstance(function, ast.FunctionDef):
@@ -94,30 +101,90 @@ def test_packages_are_installed_only_after_apply():
                 if isinstance(call, ast.Call):
                     name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
                     callers.setdefault(name, set()).add(function.name)
-    assert callers["pip_install"] == {"ensureDependencies"}
-    assert callers["installTorch"] == {"ensureDependencies", "installTorch"}  # the method of PyTorchUtilsLogic
-    assert callers["ensureDependencies"] == {"onApplyButton"}
-    top_level_calls = [node for statement in tree.body if not isinstance(statement, (ast.FunctionDef, ast.ClassDef))
-                       for node in ast.walk(statement) if isinstance(node, ast.Call)]
-    assert not top_level_calls
+    return callers
 
 
-def module_constant(name: str):
-    """The value of a constant assigned at the top level of ``LungUDRNet.py``."""
-    assignment = next(node for node in module_tree().body
-                      if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name)
-    return ast.literal_eval(assignment.value)
+def test_packages_are_installed_only_after_apply_or_start():
+    """torch and pip packages are installed by ensureRequirements, called from Apply or Start only (never at
+    import, never from a self-test)."""
+    panel = calls_by_function(ast.parse(PANEL_FILE.read_text()))
+    assert panel["pip_install"] == {"ensureRequirements"}
+    assert panel["installTorch"] == {"ensureRequirements", "installTorch"}  # the method of PyTorchUtilsLogic
+    assert calls_by_function(module_tree())["ensureRequirements"] == {"onApplyButton"}
+    assert calls_by_function(ast.parse(TRAINER_FILE.read_text()))["ensureRequirements"] == {"onStartButton"}
+    for tree in (module_tree(), ast.parse(PANEL_FILE.read_text())):
+        top_level_calls = [node for statement in tree.body
+                           if not isinstance(statement, (ast.FunctionDef, ast.ClassDef))
+                           for node in ast.walk(statement) if isinstance(node, ast.Call)]
+        assert not top_level_calls
 
 
-def test_the_panel_installs_the_core_requirements():
-    """The packages installed on Apply are the core's dependencies, less those that Slicer provides
-    and those only older Pythons than Slicer's need (an environment marker)."""
+def test_registration_needs_only_what_its_child_process_imports():
+    """The packages the panel installs for registration are core dependencies (same bounds as pyproject.toml),
+    not what only the trainer and the demo use; torch comes from the PyTorch extension."""
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    provided_by_slicer = ("torch", "numpy", "SimpleITK")
-    assert set(module_constant("REQUIREMENTS").values()) == {
-        requirement for requirement in dependencies
-        if not requirement.startswith(provided_by_slicer) and ";" not in requirement}
-    assert "torch" + module_constant("TORCH_REQUIREMENT") in dependencies
+    assert set(REGISTRATION_REQUIREMENTS) <= set(dependencies)
+    assert set(TRAINING_REQUIREMENTS) <= set(dependencies)
+    assert TORCH_REQUIREMENT in dependencies
+    names = {requirement.split(">")[0] for requirement in REGISTRATION_REQUIREMENTS}
+    assert not names & {"matplotlib", "tqdm", "pyyaml"}
+
+
+def test_every_node_parameter_may_be_empty():
+    """Slicer's parameterNodeWrapper writes None as the default of a node parameter: a Union of node types
+    without None fails in getParameterNode() ("Unable to write value 'None'") and leaves the panel unbound."""
+    for path, class_name in ((MODULE_FILE, "LungUDRNetParameterNode"),
+                             (TRAINER_FILE, "LungUDRNetTrainerParameterNode")):
+        for name, annotation in parameter_fields(path, class_name).items():
+            if "vtkMRML" in annotation:
+                assert annotation.startswith("Optional[") or annotation.endswith(", None]"), (class_name, name)
+            if annotation.startswith(("int", "Annotated[int")):
+                assert "WithinRange(" in annotation, (class_name, name, "an int without a range accepts -5")
+
+
+def test_self_tests_skip_before_anything_else_when_requirements_are_missing():
+    for path, requirements in ((MODULE_FILE, "REGISTRATION_REQUIREMENTS"), (TRAINER_FILE, "TRAINING_REQUIREMENTS")):
+        run_test = next(node for node in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(node, ast.FunctionDef) and node.name == "runTest")
+        assert ast.unparse(run_test.body[0]) == f"skipReason = self_test_skip_reason({requirements})", path.name
+        assert ast.unparse(run_test.body[1].test) == "skipReason"
+        assert isinstance(run_test.body[1].body[-1], ast.Return)
+
+
+SKIP_CHECK = """
+from LungUDRNetSlicerLib.dependencies import REGISTRATION_REQUIREMENTS, self_test_skip_reason
+print(self_test_skip_reason(REGISTRATION_REQUIREMENTS))
+"""
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_skip_reason_names_torch_when_it_cannot_be_imported(blocked):
+    code = ("import sys; sys.modules['torch'] = None\n" if blocked else "") + SKIP_CHECK
+    reason = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if blocked:
+        assert reason.startswith("self-test skipped: not installed: torch") and "never install" in reason
+    else:
+        assert reason == "None"
+
+
+def test_unmet_requirements_name_the_version_found():
+    numpy_version = importlib.metadata.version("numpy")
+    assert unmet([f"numpy>={numpy_version}"]) == []
+    assert unmet(["numpy<1.0"]) == [f"numpy<1.0 (found {numpy_version})"]
+    assert unmet(["surely-not-installed-package>=1"]) == ["surely-not-installed-package>=1"]
+
+
+def test_the_contributors_name_their_organisation():
+    for path in (MODULE_FILE, TRAINER_FILE):
+        tree = ast.parse(path.read_text())
+        contributors = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                            and getattr(node.targets[0], "id", "") == "CONTRIBUTORS")
+        assert contributors and all(re.fullmatch(r"[^()]+ \([^()]+\)", name) for name in contributors), contributors
+
+
+def test_the_panel_and_readme_carry_the_research_use_disclaimer():
+    assert ui_widgets()["disclaimerLabel"].find("property/string").text.startswith("For research use only")
+    assert "For research use only" in (ROOT / "README.md").read_text()
 
 
 def test_module_metadata():

@@ -15,7 +15,7 @@ from LungUDRNetTrainerLib.config import FIELDS, PRESETS
 MODULE = Path(__file__).resolve().parents[1] / "LungUDRNetTrainer"
 TREE = ast.parse((MODULE / "LungUDRNetTrainer.py").read_text())
 UI = ET.parse(MODULE / "Resources" / "UI" / "LungUDRNetTrainer.ui")
-WIDGET_FOR_TYPE = {"pathlib.Path": "ctkPathLineEdit", "bool": "QCheckBox"}
+WIDGET_FOR_TYPE = {"str": "ctkPathLineEdit", "bool": "QCheckBox"}
 
 
 def _parameter_fields() -> dict[str, str]:

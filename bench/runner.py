@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -84,6 +83,10 @@ def peak_rss_mb() -> float:
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return float(line.split()[1]) / 1024.0  # kB
+    if sys.platform == "win32":
+        import psutil
+        return psutil.Process().memory_info().peak_wset / 2**20
+    import resource  # POSIX only
     scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, kB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import progress_events
 from .errors import CancelledError, LungUDRNetError, ResourceError
 
 log = logging.getLogger("LungUDRNetLib")
@@ -70,22 +71,20 @@ def run_register(args: argparse.Namespace) -> None:
                       moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
                       refine_steps=args.refine_steps)
     report = registration_report(fixed, moving, result, masks.get("fixed mask"), masks.get("moving mask"))
-    write_result(result, report, out_dir)
+    written = write_result(result, report, out_dir)
+    progress_events.emit("result", paths={name: str(path) for name, path in written.items()})
     _print_summary(report, out_dir)
 
 
 def _print_progress(fraction: float, message: str) -> None:
     log.info("[%3d%%] %s", round(100 * fraction), message)
+    progress_events.emit_progress(fraction, message, stage="registration")
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
-    before, after = report["before"], report["after"]
-    print(f"NCC {before['ncc_percent']:.2f}% -> {after['ncc_percent']:.2f}%, "
-          f"1-MSE {before['one_minus_mse_percent']:.2f}% -> {after['one_minus_mse_percent']:.2f}%"
-          + (f", lung Dice {before['dice_percent']:.1f}% -> {after['dice_percent']:.1f}%" if "dice_percent" in after else "")
-          + (f", TRE {before['tre_mm']['mean']:.2f} -> {after['tre_mm']['mean']:.2f} mm" if "tre_mm" in after else ""))
-    print(f"folded voxels {report['jacobian']['folding_percent']:.3f}%, "
-          f"runtime {report['runtime_s']['total']:.2f} s on {report['device']}")
+    from .report import summary_line
+
+    print(summary_line(report))
     print(f"results in {out_dir}")
 
 
@@ -94,6 +93,9 @@ def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.Argument
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="show warnings and errors only")
+    parser.add_argument("--progress-json", action="store_true",
+                        help="write progress, warnings, results and errors as JSON lines on standard output (for "
+                             "programs that run lungudrnet as a child process); everything else goes to stderr")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_register_parser(subparsers)
     from .demo import add_demo_parser
@@ -128,19 +130,30 @@ def main(argv: list[str] | None = None, extra_commands: Iterable[AddParsers] = (
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_cancelled)
+    if not args.progress_json:
+        return _run(args)
+    with progress_events.channel_on(sys.stdout), contextlib.redirect_stdout(sys.stderr):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The chosen command; a problem ends it with one line on standard error and its exit status."""
     try:
         args.run(args)
     except KeyboardInterrupt:
-        print("lungudrnet: interrupted; no partial output was kept", file=sys.stderr)
-        return CancelledError.exit_code
+        return _fail("interrupted; no partial output was kept", CancelledError.exit_code)
     except MemoryError:
-        print("lungudrnet: error: ran out of memory; close other programs, or crop or downsample the images "
-              "(see --max-memory)", file=sys.stderr)
-        return ResourceError.exit_code
+        return _fail("error: ran out of memory; close other programs, or crop or downsample the images "
+                     "(see --max-memory)", ResourceError.exit_code)
     except LungUDRNetError as error:
-        print(f"lungudrnet: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _fail(f"error: {error}", error.exit_code)
     return 0
+
+
+def _fail(message: str, exit_code: int) -> int:
+    print(f"lungudrnet: {message}", file=sys.stderr)
+    progress_events.emit("error", message=message.removeprefix("error: "), exit_code=exit_code)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -12,19 +12,46 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
-def mse(fixed: np.ndarray, warped: np.ndarray) -> float:
-    """Eq. 6: mean squared difference (on [0, 1]-normalised images, 1 - MSE is the paper's score)."""
-    difference = np.asarray(fixed, dtype=np.float64) - np.asarray(warped, dtype=np.float64)
-    return float(np.mean(difference ** 2))
+def _pieces(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None):
+    """Matching float64 1-D pieces of the two arrays (only voxels where ``mask`` is True, when given),
+    one slice of the first axis at a time: a 512x512x300 image is never copied whole in float64."""
+    fixed, warped = np.asarray(fixed), np.asarray(warped)
+    if fixed.shape != warped.shape or (mask is not None and np.shape(mask) != fixed.shape):
+        raise ValueError(f"shapes differ: fixed {fixed.shape}, warped {warped.shape}"
+                         + ("" if mask is None else f", mask {np.shape(mask)}"))
+    rows = fixed.shape[0] if fixed.ndim > 1 else 1
+    fixed, warped = fixed.reshape(rows, -1), warped.reshape(rows, -1)
+    keep = None if mask is None else np.asarray(mask, dtype=bool).reshape(rows, -1)
+    for row in range(rows):
+        f, w = (fixed[row], warped[row]) if keep is None else (fixed[row][keep[row]], warped[row][keep[row]])
+        yield f.astype(np.float64), w.astype(np.float64)
 
 
-def ncc(fixed: np.ndarray, warped: np.ndarray) -> float:
-    """Eq. 7: global normalised cross-correlation in [-1, 1] (0 if either image is constant)."""
-    f = np.asarray(fixed, dtype=np.float64).ravel()
-    w = np.asarray(warped, dtype=np.float64).ravel()
-    f, w = f - f.mean(), w - w.mean()
-    denominator = np.sqrt((f * f).sum() * (w * w).sum())
-    return 0.0 if denominator == 0 else float((f * w).sum() / denominator)
+def mse(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Eq. 6: mean squared difference over all voxels, or those where ``mask`` is True (NaN if none)
+    (on [0, 1]-normalised images, 1 - MSE is the paper's score)."""
+    total, count = 0.0, 0
+    for f, w in _pieces(fixed, warped, mask):
+        total += float(np.dot(f - w, f - w))
+        count += f.size
+    return total / count if count else float("nan")
+
+
+def ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Eq. 7: global normalised cross-correlation in [-1, 1] over all voxels, or those where ``mask``
+    is True (0 if either image is constant there, NaN if there are none)."""
+    count, sum_f, sum_w = 0, 0.0, 0.0
+    for f, w in _pieces(fixed, warped, mask):
+        count, sum_f, sum_w = count + f.size, sum_f + float(f.sum()), sum_w + float(w.sum())
+    if not count:
+        return float("nan")
+    mean_f, mean_w = sum_f / count, sum_w / count
+    cross, var_f, var_w = 0.0, 0.0, 0.0
+    for f, w in _pieces(fixed, warped, mask):
+        f, w = f - mean_f, w - mean_w
+        cross, var_f, var_w = cross + float(np.dot(f, w)), var_f + float(np.dot(f, f)), var_w + float(np.dot(w, w))
+    denominator = np.sqrt(var_f * var_w)
+    return 0.0 if denominator == 0 else float(cross / denominator)
 
 
 def target_registration_error(mapped_points_mm: np.ndarray, moving_points_mm: np.ndarray) -> np.ndarray:

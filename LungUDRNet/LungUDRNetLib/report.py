@@ -1,4 +1,13 @@
-"""Before/after metrics of one registration, as written to ``metrics.json``."""
+"""Before/after metrics of one registration, as written to ``metrics.json``, and its one-line summary.
+
+Image similarity (the paper's 1-MSE and NCC on windowed, min-max normalised
+intensities) is measured on the **overlap**: the fixed voxels p whose moving
+point lies inside the moving scan both before registration (p) and after it
+(p + u(p)), one voxel set for both so that the two numbers compare. Elsewhere
+the resampled moving scan is padding, not anatomy: scored as air it made a
+correct registration of a partial scan look worse. With a fixed lung mask the
+same scores are also given inside the lungs (the mask within the overlap).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import metrics
-from .geometry import field_to_voxel_flow, transform_points, warp_image
+from .geometry import field_to_voxel_flow, index_to_lps_matrix, transform_points, warp_image
 from .preprocess import normalise_ct
 from .registration import RegistrationResult
 
@@ -17,17 +26,58 @@ def _on_fixed_grid(image: sitk.Image, fixed: sitk.Image, interpolator: int) -> s
     return sitk.Resample(image, fixed, sitk.Transform(), interpolator, outside, image.GetPixelID())
 
 
-def _similarity(fixed: np.ndarray, other: np.ndarray) -> dict:
-    return {"one_minus_mse_percent": 100.0 * (1.0 - metrics.mse(fixed, other)),
-            "ncc_percent": 100.0 * metrics.ncc(fixed, other)}
+def overlap_mask(fixed: sitk.Image, moving: sitk.Image, displacement: sitk.Image) -> np.ndarray:
+    """Bool array (z, y, x) on ``fixed``'s grid: True where both p and p + u(p) lie inside ``moving``.
+
+    ``displacement`` is the pull field u (LPS mm) on ``fixed``'s grid. Inside
+    means a continuous moving index in [-0.5, size - 0.5) on every axis, the
+    extent where a resampler reads moving data. Computed one fixed slice at a
+    time, from the images' index-to-LPS matrices.
+    """
+    if displacement.GetSize() != fixed.GetSize():
+        raise ValueError(f"displacement grid {displacement.GetSize()} is not the fixed grid {fixed.GetSize()}")
+    lps_to_moving = np.linalg.inv(index_to_lps_matrix(moving))
+    fixed_to_moving = lps_to_moving @ index_to_lps_matrix(fixed)  # fixed (i, j, k) -> moving (i, j, k)
+    columns, rows, slices = fixed.GetSize()
+    i, j = np.arange(columns, dtype=np.float64), np.arange(rows, dtype=np.float64)[:, None]
+    upper = np.asarray(moving.GetSize()) - 0.5
+    vectors = sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3) LPS mm
+    overlap = np.empty((slices, rows, columns), dtype=bool)
+    for k in range(slices):
+        inside = np.ones((rows, columns), dtype=bool)
+        for axis in range(3):
+            a = fixed_to_moving[axis]
+            index = a[0] * i + a[1] * j + (a[2] * k + a[3])  # moving index of p
+            inside &= (index >= -0.5) & (index < upper[axis])
+            index += vectors[k] @ lps_to_moving[axis, :3]  # ... of p + u(p)
+            inside &= (index >= -0.5) & (index < upper[axis])
+        overlap[k] = inside
+    return overlap
+
+
+def _similarity(fixed: np.ndarray, other: np.ndarray, region: np.ndarray, prefix: str) -> dict:
+    """1-MSE and NCC (%) over the voxels of ``region``; None when it is empty."""
+    if not region.any():
+        return {f"{prefix}one_minus_mse_percent": None, f"{prefix}ncc_percent": None}
+    return {f"{prefix}one_minus_mse_percent": 100.0 * (1.0 - metrics.mse(fixed, other, region)),
+            f"{prefix}ncc_percent": 100.0 * metrics.ncc(fixed, other, region)}
 
 
 def registration_report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult,
                         fixed_mask: sitk.Image | None = None,
                         moving_mask: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
                         moving_points: np.ndarray | None = None) -> dict:
-    """Image similarity (paper's 1-MSE and NCC on normalised intensities), lung Dice, TRE (mm)
-    before (identity) and after registration, Jacobian statistics, runtime and device.
+    """Metrics before (identity) and after registration, Jacobian statistics, runtime and device.
+
+    * ``overlap_percent``: the share of the fixed grid's voxels in the overlap
+      (fixed voxels p with p and p + u(p) inside the moving scan);
+      ``lung_overlap_percent`` (with ``fixed_mask``): the share of the fixed
+      lung mask's voxels in it.
+    * ``before``/``after``: ``one_minus_mse_percent`` and ``ncc_percent`` on
+      the overlap; ``lung_one_minus_mse_percent`` and ``lung_ncc_percent`` on
+      the fixed lung mask within the overlap (with ``fixed_mask``); None where
+      that region is empty. ``dice_percent``: lung Dice on the whole fixed grid
+      (with both masks); ``tre_mm`` (with points).
 
     Points are LPS mm, row i of ``fixed_points`` corresponding to row i of ``moving_points``.
     """
@@ -35,14 +85,22 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     fixed_values = normalise_ct(sitk.GetArrayViewFromImage(fixed), preprocess)
     before = normalise_ct(sitk.GetArrayFromImage(_on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
     after = normalise_ct(sitk.GetArrayViewFromImage(result.warped), preprocess)
+    overlap = overlap_mask(fixed, moving, result.displacement)
+    regions = {"": overlap}
     report = {
         "device": result.device,
         "runtime_s": {k: round(v, 4) for k, v in result.timings.items()},
         "model": result.model_info,
-        "before": _similarity(fixed_values, before),
-        "after": _similarity(fixed_values, after),
-        "jacobian": metrics.jacobian_statistics(field_to_voxel_flow(result.displacement)),
+        "overlap_percent": 100.0 * float(overlap.mean()),
     }
+    if fixed_mask is not None:
+        lungs = sitk.GetArrayViewFromImage(fixed_mask) > 0
+        regions["lung_"] = lungs & overlap
+        report["lung_overlap_percent"] = 100.0 * float(regions["lung_"].sum() / lungs.sum()) if lungs.any() else None
+    for state, values in (("before", before), ("after", after)):
+        report[state] = {key: value for prefix, region in regions.items()
+                         for key, value in _similarity(fixed_values, values, region, prefix).items()}
+    report["jacobian"] = metrics.jacobian_statistics(field_to_voxel_flow(result.displacement))
     if fixed_mask is not None and moving_mask is not None:
         fixed_array = sitk.GetArrayViewFromImage(fixed_mask)
         moved_before = _on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
@@ -55,3 +113,25 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
             report[state]["tre_mm"] = {"mean": float(tre.mean()), "std": float(tre.std()),
                                        "p90": float(np.percentile(tre, 90)), "max": float(tre.max())}
     return report
+
+
+def summary_line(report: dict) -> str:
+    """A :func:`registration_report` on one line for people: NCC before -> after in the lungs (on the
+    overlap when no lung mask was given), lung Dice and TRE when known, folded voxels, runtime, device."""
+    before, after = report["before"], report["after"]
+    lungs = after.get("lung_ncc_percent") is not None
+    key, region = ("lung_ncc_percent", "in the lungs") if lungs else ("ncc_percent", "on the overlap")
+    share = report.get("lung_overlap_percent" if lungs else "overlap_percent")
+    if share is not None and share < 99.5:  # the moving scan misses part of the fixed scan
+        region += f" ({share:.0f}% of {'them in both scans' if lungs else 'the fixed scan'})"
+    if after.get(key) is None:
+        parts = ["NCC: none, the scans do not overlap"]
+    else:
+        parts = [f"NCC {region} {before[key]:.1f}% -> {after[key]:.1f}%"]
+    if "dice_percent" in after:
+        parts.append(f"lung Dice {before['dice_percent']:.1f}% -> {after['dice_percent']:.1f}%")
+    if "tre_mm" in after:
+        parts.append(f"TRE {before['tre_mm']['mean']:.2f} -> {after['tre_mm']['mean']:.2f} mm")
+    parts.append(f"folded voxels {report['jacobian']['folding_percent']:.3f}%")
+    parts.append(f"{report['runtime_s']['total']:.1f} s on {report['device']}")
+    return "; ".join(parts)

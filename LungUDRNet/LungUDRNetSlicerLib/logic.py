@@ -49,13 +49,11 @@ class RegistrationOutput:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """Similarity before -> after, runtime and device on one line; then the notes, one per line."""
-        before, after = self.report["before"], self.report["after"]
-        parts = [f"NCC {before['ncc_percent']:.1f}% -> {after['ncc_percent']:.1f}%"]
-        if "dice_percent" in after:
-            parts.append(f"lung Dice {before['dice_percent']:.1f}% -> {after['dice_percent']:.1f}%")
-        parts.append(f"{self.report['runtime_s']['total']:.1f} s on {self.report['device']}")
-        return "; ".join(parts) + "".join(f"\n{note}" for note in self.notes)
+        """:func:`~LungUDRNetLib.report.summary_line` (similarity before -> after with its region, runtime,
+        device); then the notes, one per line."""
+        from LungUDRNetLib.report import summary_line
+
+        return summary_line(self.report) + "".join(f"\n{note}" for note in self.notes)
 
 
 class RegistrationLogic:
@@ -96,17 +94,20 @@ class RegistrationLogic:
 
     def start(self, fixed_volume, moving_volume, fixed_mask=None, moving_mask=None,
               model: str | Path | None = None, device: str = "auto", warped_volume=None, transform=None,
-              show_aligned: bool = True, refine_steps: int = 0) -> RegistrationJob:
+              show_aligned: bool = True, refine_steps: int = 0, python: str | None = None) -> RegistrationJob:
         """Like :meth:`process`, but in a child process (``lungudrnet register``); returns at once.
 
         The input volumes are copied now; the outputs are made by
-        :meth:`RegistrationJob.finish`. ``model`` is a checkpoint path or None.
+        :meth:`RegistrationJob.finish`. ``model`` is a checkpoint path or None;
+        ``python`` the interpreter of the child (default: this one; in the
+        Slicer application, ``PythonSlicer``).
         """
         from LungUDRNetLib.background import RegistrationProcess
 
         images = input_images(fixed_volume, moving_volume, fixed_mask, moving_mask)
         plan = OutputPlan(fixed_volume, moving_volume, warped_volume, transform, show_aligned, device)
-        return RegistrationJob(RegistrationProcess(images, model=model, device=device, refine_steps=refine_steps), plan)
+        process = RegistrationProcess(images, model=model, device=device, python=python, refine_steps=refine_steps)
+        return RegistrationJob(process, plan)
 
     def track_lesions(self, lesions, transform) -> LesionTracking:
         """Move lesions drawn on the moving scan into the fixed scan (see :func:`.lesions.track_lesions`)."""

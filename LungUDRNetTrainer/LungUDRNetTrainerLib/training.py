@@ -48,8 +48,9 @@ from LungUDRNetLib.checkpoint import read_checkpoint, save_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError, TrainingError
 from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.losses import registration_loss
-from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
+from LungUDRNetLib.progress_events import emit, emit_progress
+from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.warp import warp
 
 from . import distributed
@@ -254,6 +255,9 @@ class Trainer:
                 step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{value:.4f}")
+                if self.context.is_main:
+                    emit_progress((epoch - 1 + step / bar.total) / self.config.epochs,
+                                  f"epoch {epoch}/{self.config.epochs}: step {step}/{bar.total}", stage="training")
                 if on_step is not None:
                     on_step(epoch, step)
                 if distributed.any_process(stop.is_set() or stop_file.exists(), self.context):
@@ -300,10 +304,12 @@ class Trainer:
         self.log.write(progress.history)
         if self.context.is_main:
             dice = scores["val_dice_percent"]
-            log.info("epoch %d: train loss %s, val loss %.5f, val NCC %.2f%%, 1-MSE %.2f%%%s%s", epoch,
-                     "-" if train_loss is None else f"{train_loss:.5f}", scores["val_loss"],
-                     scores["val_ncc_percent"], scores["val_one_minus_mse_percent"],
-                     "" if dice is None else f", Dice {dice:.2f}%", " (best)" if improved else "")
+            summary = (f"epoch {epoch}: train loss {'-' if train_loss is None else f'{train_loss:.5f}'}, "
+                       f"val loss {scores['val_loss']:.5f}, val NCC {scores['val_ncc_percent']:.2f}%, "
+                       f"1-MSE {scores['val_one_minus_mse_percent']:.2f}%"
+                       + ("" if dice is None else f", Dice {dice:.2f}%") + (" (best)" if improved else ""))
+            log.info("%s", summary)
+            emit("summary", message=summary)
 
     # -- computation ----------------------------------------------------------------------------
 
