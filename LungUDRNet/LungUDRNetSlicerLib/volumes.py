@@ -30,10 +30,19 @@ def image_from_volume(volume, what: str = "volume") -> sitk.Image:
     if image_data.GetNumberOfScalarComponents() != 1:
         raise InputError(f"{what} '{volume.GetName()}': has {image_data.GetNumberOfScalarComponents()} "
                          "components per voxel; a scalar (CT) volume is needed")
-    values = vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(image_data.GetDimensions()[::-1])
-    image = sitk.GetImageFromArray(np.array(values))
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(ijk_to_ras)
+    return _image(np.array(_voxels(image_data)), ijk_to_ras)
+
+
+def _voxels(image_data) -> np.ndarray:
+    """A view of a vtkImageData's scalars as a (z, y, x) array."""
+    return vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(image_data.GetDimensions()[::-1])
+
+
+def _image(voxels: np.ndarray, ijk_to_ras) -> sitk.Image:
+    """A SimpleITK image of (z, y, x) ``voxels`` whose geometry (LPS) is the IJK->RAS ``vtkMatrix4x4``."""
+    image = sitk.GetImageFromArray(voxels)
     origin, spacing, direction = geometry_from_index_to_ras(slicer.util.arrayFromVTKMatrix(ijk_to_ras))
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
@@ -88,12 +97,6 @@ def mask_from_node(node, reference_volume, what: str = "mask") -> sitk.Image:
     geometry.SetExtent(reference_volume.GetImageData().GetExtent())
     merged = slicer.vtkOrientedImageData()
     node.GenerateMergedLabelmapForAllSegments(merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, geometry)
-    labels = vtk_to_numpy(merged.GetPointData().GetScalars()).reshape(merged.GetDimensions()[::-1])
-    image = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
     image_to_ras = vtk.vtkMatrix4x4()
     merged.GetImageToWorldMatrix(image_to_ras)
-    origin, spacing, direction = geometry_from_index_to_ras(slicer.util.arrayFromVTKMatrix(image_to_ras))
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
+    return _image((_voxels(merged) > 0).astype(np.uint8), image_to_ras)
