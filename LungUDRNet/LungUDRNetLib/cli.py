@@ -100,6 +100,8 @@ def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.Argument
     add_register_parser(subparsers)
     from .demo import add_demo_parser
     add_demo_parser(subparsers)
+    from .lung_mask_command import add_lung_mask_parser
+    add_lung_mask_parser(subparsers)
     for add_parsers in command_plugins(extra_commands):
         add_parsers(subparsers)
     return parser

@@ -40,13 +40,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import metrics
-from .errors import InputError
-from .geometry import direction_matrix, field_to_voxel_flow, index_to_points
+from .geometry import field_to_voxel_flow, index_to_points
+from .lung_mask import AIR_HU, body_mask, box_size, largest_component, lung_mask
 
-AIR_HU = -400.0  # below this a voxel counts as air (lung, airway or outside air)
-AIRWAY_HU = -970.0  # airway lumen (trachea, bronchi): nearly pure air, darker than parenchyma
 LANDMARK_HU = -500.0  # landmarks sit on vessel-like structures brighter than this
-VESSEL_RADIUS_MM = 4.0  # the lung mask is closed with a box of this half-width to take in vessels
 
 MOTION_SPACING_MM = 4.0  # the motion model is computed on an axis-aligned grid this coarse
 LUNG_BLEND_MM = 8.0  # sigma of the lung weight's blend into the chest wall
@@ -100,10 +97,8 @@ def make_breathing_pair(ct: sitk.Image, seed: int = 0, amplitude_mm: float = 12.
     """
     rng = np.random.default_rng(seed)
     moving = sitk.Cast(ct if reference is None else resample_like(ct, reference), sitk.sitkFloat32)
-    body, lungs = _body_and_lungs(moving)
-    if not lungs.any():
-        raise InputError("make_breathing_pair: no lungs found in the CT (is it a chest CT in HU?)")
-    body, moving_mask = _mask_image(body, moving), _mask_image(lungs, moving)
+    moving_mask = lung_mask(moving, "make_breathing_pair CT")
+    body = body_mask(moving)
     coarse_field, coarse_jacobian = _motion_model(body, moving_mask, amplitude_mm, rng)
     displacement = sitk.Cast(_resample(coarse_field, moving, sitk.sitkLinear), sitk.sitkVectorFloat32)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
@@ -135,7 +130,7 @@ def grid_image(size: tuple[int, int, int], spacing: tuple[float, float, float],
 
 def body_centre(ct: sitk.Image) -> np.ndarray:
     """Centroid of the body (largest non-air component) of a CT, LPS mm."""
-    body = _largest_component(sitk.GetArrayFromImage(ct) >= AIR_HU)
+    body = largest_component(sitk.GetArrayFromImage(ct) >= AIR_HU)
     k, j, i = (np.mean(axis) for axis in np.nonzero(body))
     return index_to_points(np.array([i, j, k]), ct)[0]
 
@@ -169,116 +164,6 @@ def _in_view(moving: sitk.Image, transform: sitk.Transform) -> sitk.Image:
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving)
     return sitk.Resample(ones, moving, transform, sitk.sitkNearestNeighbor, 0)
-
-
-def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """A (z, y, x) boolean array as a uint8 image with ``reference``'s geometry."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.CopyInformation(reference)
-    return image
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def lung_mask(ct: sitk.Image) -> sitk.Image:
-    """Lung mask (uint8, the CT's geometry) of a CT in HU.
-
-    Air (< -400 HU) enclosed by the body in its axial slice, in large 3D
-    components, without the trachea and main bronchi (pure air, < -970 HU,
-    reaching the top slice), closed with a box of +-4 mm (vessels) and with
-    enclosed holes (nodules) filled.
-    """
-    return _mask_image(_body_and_lungs(ct)[1], ct)
-
-
-def _body_and_lungs(ct: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Body and lung masks of a CT as (z, y, x) boolean arrays."""
-    hu = sitk.GetArrayFromImage(ct)
-    axis = _slice_axis(ct)
-    body = _largest_component(hu >= AIR_HU)
-    enclosed = _slice_holes(body, axis)
-    body |= enclosed
-    lungs = _large_components(enclosed)
-    lungs = _large_components(lungs & ~_airways(lungs, hu, axis, ct))
-    return body, _close_and_fill(lungs, ct)
-
-
-def _slice_axis(image: sitk.Image) -> int:
-    """The numpy axis whose index direction is closest to LPS z (the axial slice axis)."""
-    return 2 - int(np.argmax(np.abs(direction_matrix(image)[2])))
-
-
-def _superior_slice(mask: np.ndarray, axis: int, image: sitk.Image) -> int:
-    """Index along numpy ``axis`` of the most superior slice that contains ``mask``."""
-    occupied = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-    z_direction = direction_matrix(image)[2, 2 - axis]
-    return int(occupied[-1] if z_direction > 0 else occupied[0])
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 6-connected component of a boolean array."""
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask.copy()
-    return labels == 1 + np.argmax(np.bincount(labels.ravel())[1:])
-
-
-def _large_components(mask: np.ndarray, fraction: float = 0.25) -> np.ndarray:
-    """6-connected components of at least ``fraction`` of the largest one (both lungs, no gas bubbles)."""
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return (sizes >= fraction * sizes.max())[labels] & mask
-
-
-def _slice_holes(mask: np.ndarray, axis: int) -> np.ndarray:
-    """Background voxels enclosed by ``mask`` within their slice along ``axis`` (in-slice
-    background components that do not touch the slice's border)."""
-    structure = ndimage.generate_binary_structure(3, 1)
-    for end in (0, 2):
-        np.moveaxis(structure, axis, 0)[end] = False
-    labels, count = ndimage.label(~mask, structure)
-    hole = np.ones(count + 1, dtype=bool)
-    hole[0] = False
-    for in_plane in (a for a in range(3) if a != axis):
-        hole[np.take(labels, 0, axis=in_plane)] = False
-        hole[np.take(labels, -1, axis=in_plane)] = False
-    return hole[labels]
-
-
-def _box(radius_mm: float, image: sitk.Image) -> tuple[int, int, int]:
-    """Size (z, y, x) in voxels of a box reaching ``radius_mm`` (at least one voxel) from its centre."""
-    return tuple(2 * max(1, round(radius_mm / s)) + 1 for s in image.GetSpacing()[::-1])
-
-
-def _close_and_fill(mask: np.ndarray, ct: sitk.Image) -> np.ndarray:
-    """``mask`` closed with a box of half-width VESSEL_RADIUS_MM, then with its enclosed 3D holes filled."""
-    box = _box(VESSEL_RADIUS_MM, ct)
-    closed = ndimage.minimum_filter(ndimage.maximum_filter(mask, box, mode="constant"), box, mode="constant", cval=1)
-    return sitk.GetArrayFromImage(sitk.BinaryFillhole(_mask_image(closed, ct))).astype(bool)
-
-
-def _airways(lungs: np.ndarray, hu: np.ndarray, axis: int, ct: sitk.Image) -> np.ndarray:
-    """Trachea and main bronchi: the pure-air component of ``lungs`` reaching its top slice, dilated.
-
-    Returns an empty mask when there is no such tube, or when the component is
-    too large to be an airway (it leaked into the parenchyma).
-    """
-    dark = lungs & (hu < AIRWAY_HU)
-    if not dark.any():
-        return dark
-    labels, _ = ndimage.label(dark)
-    top_labels = np.take(labels, _superior_slice(lungs, axis, ct), axis=axis)
-    top_labels = top_labels[top_labels > 0]
-    if top_labels.size == 0:
-        return np.zeros_like(dark)
-    airway = labels == np.bincount(top_labels).argmax()
-    if airway.sum() > 0.1 * lungs.sum():
-        return np.zeros_like(dark)
-    return ndimage.maximum_filter(airway, _box(2.0, ct))
 
 
 # ----------------------------------------------------------------------------- motion
@@ -405,7 +290,7 @@ def _sample_landmarks(image: sitk.Image, mask: sitk.Image, count: int, rng: np.r
     until enough are found.
     """
     spacing = np.asarray(image.GetSpacing())
-    inner_array = ndimage.minimum_filter(sitk.GetArrayFromImage(mask) > 0, _box(3.0, image), mode="constant")
+    inner_array = ndimage.minimum_filter(sitk.GetArrayFromImage(mask) > 0, box_size(3.0, image), mode="constant")
     if count <= 0 or not inner_array.any():
         return np.zeros((0, 3))
     box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(inner_array))
