@@ -297,11 +297,17 @@ def test_process_outputs_the_core_result_as_nodes(scene, images, volumes, shift_
 
     images["fixed"] = image_from_volume(volumes["fixed"])
     core = register(images["fixed"], images["moving"], model=shift_model, device="auto")
-    core_vectors = sitk.GetArrayViewFromImage(core.displacement)
+    core_vectors = sitk.GetArrayViewFromImage(core.native_displacement)
     assert np.abs(core_vectors).max() > 1.0  # a real motion, several mm
     np.testing.assert_allclose(slicer.util.arrayFromGridTransform(output.transform), core_vectors * RAS_FLIP, atol=1e-5)
     grid = output.transform.GetTransformFromParent().GetDisplacementGrid()
-    np.testing.assert_allclose(grid.GetOrigin(), ijk_to_ras(volumes["fixed"])[:3, 3], atol=1e-6)
+    np.testing.assert_allclose(grid.GetOrigin(), np.asarray(core.native_displacement.GetOrigin()) * RAS_FLIP, atol=1e-6)
+    # At the fixed voxel centres the node's transform is the core's full-resolution field.
+    indices = np.random.default_rng(0).integers(0, images["fixed"].GetSize(), size=(50, 3))
+    fixed_points = geometry.index_to_points(indices, images["fixed"])
+    node_points = np.array([output.transform.GetTransformFromParent().TransformPoint(*(point * RAS_FLIP))
+                            for point in fixed_points]) * RAS_FLIP
+    np.testing.assert_allclose(node_points, geometry.transform_points(fixed_points, core.displacement), atol=1e-3)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(output.warped_volume),
                                sitk.GetArrayViewFromImage(core.warped), atol=1e-4)
     np.testing.assert_allclose(ijk_to_ras(output.warped_volume), ijk_to_ras(volumes["fixed"]), atol=1e-9)

@@ -1,7 +1,8 @@
 """Time and memory of the Slicer module's registration on a clinical-size scan, as the panel runs it.
 
 ``python -m LungUDRNetBench.slicer_logic [--size 512 512 300] [--spacing 0.7 0.7 1.0]`` makes a chest
-phantom pair of that size (a known smooth breathing-like motion), puts both volumes in a real MRML scene
+phantom pair of that size (int16, a known smooth breathing-like motion; written once, by a child process, to
+``--data``), reads both volumes into a real MRML scene
 (slicer-core), and measures what a user of the panel waits for: from Apply (:meth:`RegistrationLogic.start`,
 the inputs copied for the child process) until the warped volume and the transform node are in the scene
 (:meth:`RegistrationJob.finish`). Printed as JSON: wall seconds, the parent's and the child's peak resident
@@ -14,11 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
+import SimpleITK as sitk
 import slicer
 
 from LungUDRNetLib.geometry import warp_image
@@ -35,24 +39,41 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no /proc/self/status: this measurement needs Linux")
 
 
+def make_pair(folder: Path, size: tuple[int, int, int], spacing: tuple[float, float, float]) -> dict[str, Path]:
+    """Write a chest phantom pair (int16 HU, a known smooth motion) of that size to ``folder``, once."""
+    paths = {name: folder / f"{name}_{'x'.join(map(str, size))}.nrrd" for name in ("fixed", "moving")}
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    extent = np.asarray(size) * np.asarray(spacing)
+    grid = make_grid(size, spacing, tuple(-extent / 2))
+    moving = chest_phantom(grid, seed=1)
+    fixed = warp_image(moving, analytic_field(grid, translation_mm=(0.0, 0.0, 6.0), amplitude_mm=4.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(paths[name]))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, nargs=3, default=(512, 512, 300), help="voxels (x y z)")
     parser.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 1.0), help="mm (x y z)")
+    parser.add_argument("--data", default="bench_results/slicer_pair", help="folder for the generated pair")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--refine-steps", type=int, default=0, help="instance refinement steps (default: 0)")
+    parser.add_argument("--make-pair", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_pair:  # in a child process, so that making the pair does not count in the peak memory
+        make_pair(Path(args.data), tuple(args.size), tuple(args.spacing))
+        return
+    subprocess.run([sys.executable, "-m", "LungUDRNetBench.slicer_logic", "--make-pair", *sys.argv[1:]], check=True)
+    paths = make_pair(Path(args.data), tuple(args.size), tuple(args.spacing))
 
-    extent = np.asarray(args.size) * np.asarray(args.spacing)
-    grid = make_grid(tuple(args.size), tuple(args.spacing), tuple(-extent / 2))
-    moving = chest_phantom(grid, seed=1)
-    fixed = warp_image(moving, analytic_field(grid, translation_mm=(0.0, 0.0, 6.0), amplitude_mm=4.0))
     scene = slicer.vtkMRMLScene()
     volumes = {}
-    for name, image in (("fixed", fixed), ("moving", moving)):
+    for name, path in paths.items():
         volumes[name] = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        update_volume_from_image(volumes[name], image)
-    del fixed, moving
+        update_volume_from_image(volumes[name], sitk.ReadImage(str(path)))
     before_mb = peak_rss_mb()
 
     started = time.perf_counter()

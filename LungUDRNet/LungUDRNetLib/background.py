@@ -36,7 +36,7 @@ class RegistrationProcess:
         self._folder = Path(tempfile.mkdtemp(prefix="LungUDRNet-"))
         try:
             args = ["-m", "LungUDRNetLib.cli", "--progress-json", "register", "--out", str(self._folder / "out"),
-                    "--device", device, "--refine-steps", str(refine_steps)]
+                    "--device", device, "--refine-steps", str(refine_steps), "--displacement-grid", "native"]
             for key, image in images.items():
                 if image is not None:
                     path = self._folder / f"{key}.nrrd"
@@ -76,8 +76,10 @@ class RegistrationProcess:
     def results(self) -> tuple[sitk.Image, sitk.Image, dict]:
         """Warped image, displacement field (LPS mm) and metrics of the ended child; deletes the files.
 
-        Raises the child's error as a :class:`LungUDRNetError`. Both images get
-        the fixed image's exact geometry (NIfTI stores it in single precision).
+        The field is on its native grid (the resolution it really has, covering
+        the fixed image; see ``lungudrnet register --displacement-grid``).
+        Raises the child's error as a :class:`LungUDRNetError`. The warped image
+        gets the fixed image's exact geometry (NIfTI stores it in single precision).
         """
         try:
             code = self._job.returncode
@@ -92,10 +94,9 @@ class RegistrationProcess:
         finally:
             shutil.rmtree(self._folder, ignore_errors=True)
         origin, spacing, direction = self._geometry
-        for image in (warped, displacement):
-            image.SetOrigin(origin)
-            image.SetSpacing(spacing)
-            image.SetDirection(direction)
+        warped.SetOrigin(origin)
+        warped.SetSpacing(spacing)
+        warped.SetDirection(direction)
         return warped, displacement, report
 
     def _failure(self, code: int) -> LungUDRNetError:

@@ -106,6 +106,28 @@ def resample_field(field: sitk.Image, reference: sitk.Image,
     )
 
 
+def covering_grid(grid: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
+    """``grid`` extended by whole nodes until its nodes span every voxel centre of ``reference``.
+
+    The result is an empty VectorFloat32 image with ``grid``'s spacing,
+    direction and node positions, shifted origin and more nodes; returned with
+    the number of nodes added before ``grid``'s first one along each index axis
+    (i, j, k). A field on it interpolates linearly, without extrapolating, at
+    every point of ``reference`` between its first and last voxel centres.
+    """
+    size = np.asarray(reference.GetSize())
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    on_grid = points_to_index(index_to_points(corners.astype(float), reference), grid)
+    tolerance = 1e-6  # nodes, so that a corner on a node adds none
+    before = np.ceil(np.maximum(0.0, -on_grid.min(axis=0)) - tolerance).astype(int)
+    after = np.ceil(np.maximum(0.0, on_grid.max(axis=0) - (np.asarray(grid.GetSize()) - 1)) - tolerance).astype(int)
+    covering = sitk.Image([int(n) for n in np.asarray(grid.GetSize()) + before + after], sitk.sitkVectorFloat32, 3)
+    covering.SetOrigin(tuple(float(v) for v in index_to_points(-before.astype(float), grid)[0]))
+    covering.SetSpacing(grid.GetSpacing())
+    covering.SetDirection(grid.GetDirection())
+    return covering, before
+
+
 def field_to_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
     """A ``DisplacementFieldTransform`` over a private float64 copy of ``field`` (which stays intact)."""
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))

@@ -11,6 +11,7 @@ from .io import atomic_paths, save_displacement_field, save_image, save_json
 from .registration import RegistrationResult
 
 RESULT_FILES = ("warped.nii.gz", "displacement.nii.gz", "metrics.json")
+DISPLACEMENT_GRIDS = ("fixed", "native")
 
 
 def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
@@ -38,9 +39,20 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
     return out_dir
 
 
-def write_result(result: RegistrationResult, report: dict, out_dir: Path) -> dict[str, Path]:
+def write_result(result: RegistrationResult, report: dict, out_dir: Path,
+                 displacement_grid: str = "fixed") -> dict[str, Path]:
     """Write warped image, displacement field and metrics; on failure none of them is left behind,
-    nor the folders this call created."""
+    nor the folders this call created.
+
+    ``displacement_grid``: ``"fixed"`` writes ``result.displacement`` (the fixed
+    image's grid), ``"native"`` ``result.native_displacement`` (the network's
+    resolution, covering the fixed image; see :class:`RegistrationResult`).
+    """
+    if displacement_grid not in DISPLACEMENT_GRIDS:
+        raise ValueError(f"displacement grid {displacement_grid!r}: use one of {', '.join(DISPLACEMENT_GRIDS)}")
+    field = result.native_displacement if displacement_grid == "native" else result.displacement
+    if field is None:
+        raise OutputError("displacement: this result has no field on its native grid; write the fixed grid's")
     created = [folder for folder in (out_dir, *out_dir.absolute().parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +62,7 @@ def write_result(result: RegistrationResult, report: dict, out_dir: Path) -> dic
     try:
         with atomic_paths(list(paths.values())) as (warped, displacement, metrics):
             save_image(result.warped, warped)
-            save_displacement_field(result.displacement, displacement)
+            save_displacement_field(field, displacement)
             save_json(report, metrics)
     except BaseException:
         for folder in created:  # deepest first

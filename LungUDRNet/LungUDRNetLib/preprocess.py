@@ -5,7 +5,8 @@ grid* that covers the fixed image (or the bounding box of its lung mask);
 then each is windowed to [0, 255] (Eq. 1) and min-max normalised to [0, 1]
 (Eq. 2). The grid is the inverse map too: a voxel flow predicted on it is
 turned into a physical field on the fixed image's own grid by
-:func:`flow_to_fixed_field`.
+:func:`flow_to_fixed_field`, or kept at its own resolution on a grid that
+covers the fixed image by :func:`flow_to_native_field`.
 
 Grid modes:
 
@@ -25,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import direction_matrix, resample_field, voxel_flow_to_field
+from .geometry import covering_grid, direction_matrix, resample_field, voxel_flow_to_field
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,33 @@ def prepare_pair(fixed: sitk.Image, moving: sitk.Image, config: PreprocessConfig
 def flow_to_fixed_field(flow: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -> sitk.Image:
     """Inverse of the grid mapping: voxel flow [3, D, H, W] on ``grid`` -> LPS mm field on ``fixed``'s grid.
 
-    The result is VectorFloat32 (12 bytes per fixed voxel): the fixed grid may be large.
+    The native field (:func:`flow_to_native_field`) sampled linearly at every
+    fixed voxel. The result is VectorFloat32 (12 bytes per fixed voxel): the
+    fixed grid may be large.
     """
-    return resample_field(voxel_flow_to_field(flow, grid), fixed, sitk.sitkVectorFloat32)
+    return resample_field(flow_to_native_field(flow, grid, fixed), fixed, sitk.sitkVectorFloat32)
+
+
+def native_field_grid(fixed: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """The grid of the field at the resolution it really has: the network ``grid`` (or the refinement's
+    finer grid), which has ``fixed``'s axes, extended by whole nodes until it covers ``fixed``.
+
+    See :func:`.geometry.covering_grid`: the nodes are the network's voxel
+    centres plus as many beyond each face as reach ``fixed``'s outermost voxel
+    centres (one per face when ``grid`` fits the whole fixed image).
+    """
+    return covering_grid(grid, fixed)[0]
+
+
+def flow_to_native_field(flow: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """Voxel flow [3, D, H, W] on ``grid`` -> LPS mm field (VectorFloat32) on :func:`native_field_grid`.
+
+    The network's own values at its nodes, the nearest edge value repeated at
+    the added ones: interpolated linearly it is the network's trilinear field,
+    continued beyond ``grid`` as the nearest point of ``grid`` has it, and
+    :func:`flow_to_fixed_field` is that field at the fixed voxels.
+    """
+    native, before = covering_grid(grid, fixed)
+    after = np.asarray(native.GetSize()) - np.asarray(grid.GetSize()) - before
+    padding = [(0, 0)] + [(int(b), int(a)) for b, a in zip(before[::-1], after[::-1])]  # channel, D, H, W
+    return sitk.Cast(voxel_flow_to_field(np.pad(flow, padding, mode="edge"), native), sitk.sitkVectorFloat32)

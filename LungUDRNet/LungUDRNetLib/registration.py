@@ -22,8 +22,8 @@ from .geometry import field_to_transform, warp_image
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
 from .memory import check_memory, registration_bytes
 from .model import UDRNet
-from .preprocess import (PreprocessConfig, flow_to_fixed_field, mask_on_image_grid, prepare_pair, replace_non_finite,
-                         warn_if_not_ct)
+from .preprocess import (PreprocessConfig, flow_to_fixed_field, flow_to_native_field, mask_on_image_grid, prepare_pair,
+                         replace_non_finite, warn_if_not_ct)
 from .refine import finer_config, refine_two_levels
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,20 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class RegistrationResult:
-    """Outputs of :func:`register`, all on the fixed image's grid.
+    """Outputs of :func:`register`, on the fixed image's grid unless said otherwise.
 
     ``displacement`` is the pull field in LPS mm (VectorFloat32): the fixed point
     p corresponds to the moving point p + u(p). ``transform`` maps fixed points
     to moving points (``TransformPoint``) and resamples moving onto fixed.
+    ``native_displacement`` is the same field (LPS mm, VectorFloat32) at the
+    resolution it really has: on :func:`.preprocess.native_field_grid`, the
+    network grid ``grid`` (fixed image's axes; the finer grid after refinement)
+    extended to cover the fixed image. Interpolated linearly (SimpleITK, ITK,
+    Slicer) it is the network's own trilinear field and gives ``displacement``
+    at every fixed voxel; between fixed voxels, interpolating ``displacement``
+    strays from it a little (0.085 mm at most on a 512x512x300 lung pair). It
+    is 0.4 % of ``displacement``'s size there (66^3 nodes for a 64^3 grid).
+    None where a result is made from a fixed-grid field alone.
     """
 
     warped: sitk.Image
@@ -48,6 +57,7 @@ class RegistrationResult:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)
+    native_displacement: sitk.Image | None = None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -204,6 +214,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     report(0.7, "mapping the displacement field to the fixed image grid")
     step = time.perf_counter()
     displacement = flow_to_fixed_field(flow, grid, fixed_image)
+    native_displacement = flow_to_native_field(flow, grid, fixed_image)
     transform = field_to_transform(displacement)
     timings["field"] = time.perf_counter() - step
 
@@ -224,4 +235,5 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         device=str(used),
         timings=timings,
         model_info=info,
+        native_displacement=native_displacement,
     )

@@ -12,7 +12,9 @@ transforms are not applied) and all outputs are in the fixed volume's
 coordinates:
 
 * the warped volume: the moving volume resampled onto the fixed volume's grid;
-* the transform: a grid transform on the fixed grid whose "from parent"
+* the transform: a grid transform covering the fixed volume at the resolution
+  the field really has (the network grid, 66^3 nodes for a 64^3 network,
+  instead of every fixed voxel), whose "from parent"
   displacement u (RAS mm) maps a fixed point p to the corresponding moving
   point p + u(p). As the parent of the moving volume it shows that volume
   aligned with the fixed one; hardened on a node drawn on the moving scan it
@@ -90,7 +92,7 @@ class RegistrationLogic:
                               refine_steps=refine_steps)
             report = registration_report(images["fixed"], images["moving"], result,
                                          images["fixed_mask"], images["moving_mask"])
-        return plan.make(result.warped, result.displacement, report, notes)
+        return plan.make(result.warped, result.native_displacement, report, notes)
 
     def start(self, fixed_volume, moving_volume, fixed_mask=None, moving_mask=None,
               model: str | Path | None = None, device: str = "auto", warped_volume=None, transform=None,
@@ -145,7 +147,9 @@ class OutputPlan:
 
     def make(self, warped: sitk.Image, displacement: sitk.Image, report: dict,
              notes: list[str]) -> RegistrationOutput:
-        """Fill (or add) the warped volume and the transform from the core's results (LPS, fixed grid)."""
+        """Fill (or add) the warped volume and the transform from the core's results (LPS mm): the warped
+        image on the fixed grid, the displacement on its native grid (the resolution the field really has,
+        covering the fixed image; Slicer interpolates it linearly, as SimpleITK does)."""
         fixed, moving = self.fixed_volume, self.moving_volume
         scene = fixed.GetScene()
         if scene is None or moving.GetScene() is not scene:

@@ -52,7 +52,7 @@ def _image(voxels: np.ndarray, ijk_to_ras) -> sitk.Image:
 
 def update_volume_from_image(volume, image: sitk.Image) -> None:
     """Set a scalar volume node's voxels and IJK->RAS matrix from a SimpleITK image (LPS geometry)."""
-    slicer.util.updateVolumeFromArray(volume, sitk.GetArrayFromImage(image))
+    slicer.util.updateVolumeFromArray(volume, sitk.GetArrayViewFromImage(image))
     volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(index_to_ras_matrix(image)))
 
 
