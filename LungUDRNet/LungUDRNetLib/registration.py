@@ -137,6 +137,19 @@ def _mask(value, image: sitk.Image, what: str) -> sitk.Image | None:
     return mask_on_image_grid(value if isinstance(value, sitk.Image) else read_image(value, what), image, what)
 
 
+def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A float image in ``reference``'s integer pixel type (rounded and clipped to the type's range), so a
+    warped int16 CT stays an int16 CT (half the size of float32 on disk); float references leave it as is."""
+    dtype = sitk.GetArrayViewFromImage(reference).dtype
+    if not np.issubdtype(dtype, np.integer):
+        return image
+    limits = np.iinfo(dtype)
+    values = np.rint(sitk.GetArrayViewFromImage(image))
+    result = sitk.GetImageFromArray(np.clip(values, limits.min, limits.max, out=values).astype(dtype))
+    result.CopyInformation(image)
+    return result
+
+
 def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
                           max_memory: str | int | None, report: bool = False, refine: bool = False) -> None:
     """Refuse (:class:`ResourceError`) a registration whose estimated peak memory exceeds the limit.
@@ -220,7 +233,8 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
 
     report(0.85, "warping the moving image")
     step = time.perf_counter()
-    warped = warp_image(sitk.Cast(moving_image, sitk.sitkFloat32), displacement, transform=transform)
+    warped = in_pixel_type_of(warp_image(sitk.Cast(moving_image, sitk.sitkFloat32), displacement,
+                                         transform=transform), moving_image)
     timings["warp"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
     log.debug("network grid %s on %s; seconds: %s", "x".join(map(str, config.grid_shape)), used,

@@ -78,6 +78,8 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
       the fixed lung mask within the overlap (with ``fixed_mask``); None where
       that region is empty. ``dice_percent``: lung Dice on the whole fixed grid
       (with both masks); ``tre_mm`` (with points).
+    * ``jacobian``: SDlogJ and folding of the field on its native grid (the
+      resolution it really has; the fixed grid where there is none).
 
     Points are LPS mm, row i of ``fixed_points`` corresponding to row i of ``moving_points``.
     """
@@ -100,7 +102,8 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     for state, values in (("before", before), ("after", after)):
         report[state] = {key: value for prefix, region in regions.items()
                          for key, value in _similarity(fixed_values, values, region, prefix).items()}
-    report["jacobian"] = metrics.jacobian_statistics(field_to_voxel_flow(result.displacement))
+    field = result.displacement if result.native_displacement is None else result.native_displacement
+    report["jacobian"] = metrics.jacobian_statistics(field_to_voxel_flow(field))
     if fixed_mask is not None and moving_mask is not None:
         fixed_array = sitk.GetArrayViewFromImage(fixed_mask)
         moved_before = _on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
