@@ -13,7 +13,8 @@ import SimpleITK as sitk
 from conftest import oblique_direction, shared_data
 
 from LungUDRNetLib import sample_data, synth
-from LungUDRNetLib.affine import AffineConfig, compose, displacement_field, prealign
+from LungUDRNetLib.affine import AffineConfig, prealign
+from LungUDRNetLib.geometry import affine_points, compose_affine, transform_to_field
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.geometry import index_to_points, transform_points
 
@@ -301,7 +302,7 @@ def test_empty_mask_is_an_input_error(lung2):
 
 def test_displacement_field_is_the_pull_field(oblique_grid):
     transform = truth((10, -5, 20), (3, -4, 5), (-10, 20, 60), scales=(1.1, 0.9, 1.0))
-    field = displacement_field(transform, oblique_grid)
+    field = transform_to_field(transform, oblique_grid)
     assert field.GetPixelID() == sitk.sitkVectorFloat32
     points = index_to_points(np.array([[1, 1, 1], [38, 34, 28], [20, 7, 13]], float), oblique_grid)
     np.testing.assert_allclose(transform_points(points, field), apply(transform, points), atol=1e-3)
@@ -313,8 +314,15 @@ def test_compose_applies_the_field_first_then_the_affine(oblique_grid):
     field = sitk.GetImageFromArray(vectors, isVector=True)
     field.CopyInformation(oblique_grid)
     transform = truth((8, 0, -12), (5, 6, -7), (0, 20, 50), scales=(1.05, 1.0, 0.95))
-    composed = compose(transform, field)
+    composed = compose_affine(transform, field)
     indices = np.array([[1, 1, 1], [38, 34, 28], [20, 7, 13], [5, 30, 2]], float)  # inside: no edge effects
     points = index_to_points(indices, oblique_grid)
     expected = apply(transform, transform_points(points, field))  # T(p + u(p))
     np.testing.assert_allclose(transform_points(points, composed), expected, atol=1e-3)
+
+
+def test_affine_points_is_simpleitks_transform_point():
+    transform = truth((12, -7, 20), (30, -4, 5), (-10, 20, 60), scales=(1.1, 0.9, 1.05))
+    points = np.random.default_rng(3).uniform(-150, 150, (50, 3))
+    expected = np.array([transform.TransformPoint(tuple(point)) for point in points])
+    np.testing.assert_allclose(affine_points(transform, points.reshape(5, 10, 3)).reshape(-1, 3), expected, atol=1e-9)

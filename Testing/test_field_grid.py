@@ -225,19 +225,21 @@ def test_cli_writes_the_native_field_when_asked(ct_fixed, ct_moving, phantom_fil
     paths = {"fixed": write_image(ct_fixed, tmp_path / "fixed.nrrd"),
              "moving": write_image(ct_moving, tmp_path / "moving.nrrd")}
     args = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
-            "--model", str(phantom_files["model"]), "--device", "cpu"]  # an untrained network on a 32^3 grid
+            "--model", str(phantom_files["model"]), "--device", "cpu", "--no-affine"]  # untrained, 32^3 grid
     assert main(args + ["--out", str(tmp_path / "fixed")]) == 0
     assert main(args + ["--out", str(tmp_path / "native"), "--displacement-grid", "native"]) == 0
     fixed = sitk.ReadImage(str(paths["fixed"]))
     on_fixed = read_displacement_field(tmp_path / "fixed" / "displacement.nii.gz")
     on_native = read_displacement_field(tmp_path / "native" / "displacement.nii.gz")
     assert on_fixed.GetSize() == fixed.GetSize()
-    expected = native_field_grid(fixed, network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32))))
-    assert on_native.GetSize() == expected.GetSize() == (34, 34, 34)  # 6.5 % of the fixed grid's voxels
+    result = register(fixed, sitk.ReadImage(str(paths["moving"])), model=phantom_files["model"], device="cpu",
+                      affine=False)
+    expected = native_field_grid(fixed, result.grid)  # the network grid, on the (automatic) fixed lung mask
+    assert result.grid.GetSize() == (32, 32, 32) and on_native.GetSize() == expected.GetSize()
+    assert np.prod(on_native.GetSize()) < 0.1 * np.prod(fixed.GetSize())
     np.testing.assert_allclose(on_native.GetOrigin(), expected.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(on_native.GetSpacing(), expected.GetSpacing(), atol=1e-5)
     np.testing.assert_allclose(on_native.GetDirection(), fixed.GetDirection(), atol=1e-6)
-    result = register(fixed, sitk.ReadImage(str(paths["moving"])), model=phantom_files["model"], device="cpu")
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(on_native),
                                   sitk.GetArrayViewFromImage(result.native_displacement))
     np.testing.assert_allclose(sitk.GetArrayFromImage(geometry.resample_field(on_native, fixed)),

@@ -55,8 +55,9 @@ def test_out_of_gpu_memory_retries_once_on_the_cpu_and_reports_it(tmp_path, capl
     files = write_case(tmp_path / "case")
     with caplog.at_level(logging.WARNING, logger="LungUDRNetLib"):
         result = register(files["fixed"], files["moving"], model=files["model"], device="cuda")
-    assert gpu_out_of_memory == ["cuda", "cpu"]
-    assert "out of memory on cuda; retrying on the CPU (slower)" in caplog.text
+    # one try on the GPU, then the CPU for this and every later network run of the pipeline
+    assert gpu_out_of_memory[:2] == ["cuda", "cpu"] and set(gpu_out_of_memory[2:]) <= {"cpu"}
+    assert caplog.text.count("out of memory on cuda; retrying on the CPU (slower)") == 1
     assert result.device == "cpu" and np.isfinite(sitk.GetArrayViewFromImage(result.displacement)).all()
 
     args = register_args(files, tmp_path / "out")

@@ -411,10 +411,12 @@ def test_background_job_gives_the_in_process_result(scene, volumes, shift_model,
     output = job.finish()
 
     assert job.fraction == 1.0
+    # Refinement's Adam steps sum in another thread order in the child: fields agree to 1e-3 mm, and the
+    # warped int16 CT to 1 HU (a voxel may round the other way).
     np.testing.assert_allclose(slicer.util.arrayFromGridTransform(output.transform),
-                               slicer.util.arrayFromGridTransform(in_process.transform), atol=1e-5)
+                               slicer.util.arrayFromGridTransform(in_process.transform), atol=1e-3)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(output.warped_volume),
-                               slicer.util.arrayFromVolume(in_process.warped_volume), atol=1e-3)
+                               slicer.util.arrayFromVolume(in_process.warped_volume), atol=1.0)
     np.testing.assert_allclose(ijk_to_ras(output.warped_volume), ijk_to_ras(volumes["fixed"]), atol=1e-9)
     assert output.report["device"] == "cpu" and output.report["runtime_s"].keys() == in_process.report["runtime_s"].keys()
     assert volumes["moving"].GetTransformNodeID() == output.transform.GetID()

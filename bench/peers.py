@@ -24,8 +24,7 @@ from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoin
 from LungUDRNetLib.io import read_displacement_field
 from LungUDRNetLib.model import UDRNet
 from LungUDRNetLib.preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
-from LungUDRNetLib.refine import refine_two_levels
-from LungUDRNetLib.registration import predict_flow
+from LungUDRNetLib.registration import predict_flow, register
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 
 Field = sitk.Image
@@ -85,28 +84,35 @@ def _udrnet_model(path: str | None, attention: bool = True):
 
 
 def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, attention: bool = True,
-                  refine_steps: int = 0) -> Field:
-    """The steps of :func:`LungUDRNetLib.register` up to the field (its warp is the harness's):
-    network grid, network, optional two-level instance refinement
-    (:func:`LungUDRNetLib.refine.refine_two_levels`), field on the fixed grid."""
-    model, preprocess, _ = _udrnet_model(weights, attention)
+                  refine_steps: int = 0, pipeline: bool = False) -> Field:
+    """:func:`LungUDRNetLib.register`'s displacement on the fixed grid (the harness warps it itself).
+
+    ``pipeline=False``: the paper's method, the network as it is (optionally
+    refined) without affine pre-alignment or stage choice; True: everything
+    ``register`` does by default (automatic lung masks, affine, never worse
+    than doing nothing).
+    """
+    model, preprocess, info = _udrnet_model(weights, attention)
     if model.config.attention != attention:
         raise ValueError(f"the checkpoint's network has attention={model.config.attention}, expected {attention}")
-    grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
-    flow = predict_flow(model, fixed01, moving01, torch.device("cpu"))
-    if refine_steps:
-        flow, grid = refine_two_levels(flow, (grid, fixed01, moving01), fixed, moving, preprocess, refine_steps)
-    return flow_to_fixed_field(flow, grid, fixed)
+    result = register(fixed, moving, model=(model, preprocess, info), device="cpu", refine_steps=refine_steps,
+                      affine=pipeline, never_worse=pipeline)
+    return result.displacement
 
 
 def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
-    """UDRNet as :func:`LungUDRNetLib.register` runs it."""
+    """UDRNet alone, as in the paper."""
     return _udrnet_field(fixed, moving, options.weights)
 
 
 def udrnet_refined(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
-    """UDRNet's prediction refined on this pair by :func:`LungUDRNetLib.refine.refine` on the network grid."""
+    """UDRNet's prediction refined on this pair (:func:`LungUDRNetLib.refine.refine_two_levels`)."""
     return _udrnet_field(fixed, moving, options.weights, refine_steps=options.refine_steps)
+
+
+def udrnet_pipeline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """``lungudrnet register`` with its defaults: lung masks, affine, network, the most similar stage kept."""
+    return _udrnet_field(fixed, moving, options.weights, pipeline=True)
 
 
 def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
@@ -255,6 +261,7 @@ def ants_syn(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
 METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {  # fastest first
     "identity": identity,
     "udrnet": udrnet,
+    "udrnet-pipeline": udrnet_pipeline,
     "udrnet+refine": udrnet_refined,
     "udrnet-noattention": voxelmorph_baseline,
     "voxelmorph": voxelmorph_package,

@@ -265,30 +265,6 @@ class _Prealignment:
         return float(np.corrcoef(sitk.GetArrayViewFromImage(self.coarse.fixed)[inside], warped[inside])[0, 1])
 
 
-def displacement_field(transform: sitk.Transform, reference: sitk.Image,
-                       pixel_type: int = sitk.sitkVectorFloat32) -> sitk.Image:
-    """The pull field ``u(p) = T(p) - p`` (LPS mm) of ``transform`` on ``reference``'s grid."""
-    to_field = sitk.TransformToDisplacementFieldFilter()
-    to_field.SetReferenceImage(reference)
-    to_field.SetOutputPixelType(pixel_type)
-    return to_field.Execute(transform)
-
-
-def compose(transform: sitk.AffineTransform, field: sitk.Image) -> sitk.Image:
-    """The pull field of "first ``field``, then ``transform``": ``u'(p) = T(p + u(p)) - p`` (LPS mm).
-
-    ``field`` is a displacement (LPS mm) on any grid, e.g. the network's field
-    between the fixed image and the moving image pre-aligned by ``T``; the
-    result is on the same grid, VectorFloat32.
-    """
-    matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
-    vectors = sitk.GetArrayViewFromImage(field) @ matrix.T
-    vectors += sitk.GetArrayViewFromImage(displacement_field(transform, field, sitk.sitkVectorFloat64))
-    composed = sitk.GetImageFromArray(vectors.astype(np.float32), isVector=True)
-    composed.CopyInformation(field)
-    return composed
-
-
 # ----------------------------------------------------------------------------- coarse inputs
 
 

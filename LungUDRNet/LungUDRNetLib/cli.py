@@ -32,8 +32,10 @@ def add_register_parser(subparsers) -> None:
                                                      "metrics.json")
     parser.add_argument("--model", help="checkpoint (.pt) or training run folder; default: bundled weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid)")
-    parser.add_argument("--moving-mask", help="lung mask of the moving image (for the Dice in metrics.json)")
+    parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid; default: an "
+                                             "automatic one, as `lungudrnet lung-mask` writes)")
+    parser.add_argument("--moving-mask", help="lung mask of the moving image (affine pre-alignment, lung Dice; "
+                                              "default: an automatic one)")
     parser.add_argument("--fixed-series", metavar="UID", help="SeriesInstanceUID to read when --fixed is a DICOM "
                                                               "folder with several series")
     parser.add_argument("--moving-series", metavar="UID", help="the same for --moving")
@@ -49,6 +51,10 @@ def add_register_parser(subparsers) -> None:
                              "network grid (finer with --refine-steps) extended to cover the fixed image, which "
                              "tools interpolate to the same field at every fixed voxel (66^3 nodes, 3.3 MB for a "
                              "64^3 network: 0.4%% of the fixed grid); default: fixed")
+    parser.add_argument("--no-affine", dest="affine", action="store_false",
+                        help="skip the affine pre-alignment (the network alone, as in the paper); by default the "
+                             "result keeps whichever of identity, affine, network and affine + network is most "
+                             "similar in the lungs")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.set_defaults(run=run_register)
 
@@ -75,7 +81,7 @@ def run_register(args: argparse.Namespace) -> None:
              for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
     result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
                       moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
-                      refine_steps=args.refine_steps)
+                      refine_steps=args.refine_steps, affine=args.affine)
     report = registration_report(fixed, moving, result, masks.get("fixed mask"), masks.get("moving mask"))
     written = write_result(result, report, out_dir, args.displacement_grid)
     progress_events.emit("result", paths={name: str(path) for name, path in written.items()})

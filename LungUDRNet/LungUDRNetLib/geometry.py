@@ -159,6 +159,40 @@ def index_to_points(indices: np.ndarray, image: sitk.Image) -> np.ndarray:
     return np.atleast_2d(indices) @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def affine_points(transform: sitk.AffineTransform, points_lps: np.ndarray) -> np.ndarray:
+    """``transform`` applied to LPS mm points (..., 3), vectorised: T(p) = A (p - c) + c + t."""
+    matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
+    centre, translation = np.asarray(transform.GetCenter()), np.asarray(transform.GetTranslation())
+    return (points_lps - centre) @ matrix.T + centre + translation
+
+
+def transform_to_field(transform: sitk.Transform, reference: sitk.Image,
+                       pixel_type: int = sitk.sitkVectorFloat32) -> sitk.Image:
+    """The pull field ``u(p) = T(p) - p`` (LPS mm) of ``transform`` on ``reference``'s grid."""
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetReferenceImage(reference)
+    to_field.SetOutputPixelType(pixel_type)
+    return to_field.Execute(transform)
+
+
+def compose_affine(transform: sitk.AffineTransform, field: sitk.Image) -> sitk.Image:
+    """The pull field of "first ``field``, then ``transform``": ``u'(p) = T(p + u(p)) - p`` (LPS mm).
+
+    ``field`` is a displacement (LPS mm) on any grid, e.g. the network's field
+    between the fixed image and the moving image pre-aligned by ``T``; the
+    result is on the same grid, VectorFloat32. As ``u'(p) = (T(p) - p) + A u(p)``
+    (A: the matrix of ``T``) is linear in u, linear interpolation of the result
+    is the composition of the interpolated field with ``T`` exactly.
+    """
+    matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
+    affine_part = transform_to_field(transform, field, sitk.sitkVectorFloat64)  # kept alive while viewed
+    vectors = sitk.GetArrayFromImage(field).astype(np.float64) @ matrix.T
+    vectors += sitk.GetArrayViewFromImage(affine_part)
+    composed = sitk.GetImageFromArray(vectors.astype(np.float32), isVector=True)
+    composed.CopyInformation(field)
+    return composed
+
+
 def points_to_index(points_lps: np.ndarray, image: sitk.Image) -> np.ndarray:
     """LPS mm points (N, 3) -> continuous voxel indices (N, 3) in (i, j, k) order."""
     matrix = index_to_lps_matrix(image)

@@ -170,22 +170,31 @@ def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Ima
     return grid
 
 
-def to_grid(image: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear) -> np.ndarray:
+def to_grid(image: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear,
+            transform: sitk.Transform | None = None) -> np.ndarray:
     """Resample ``image`` onto ``grid`` in physical space; returns a (D, H, W) float32 array.
 
+    ``transform`` (grid LPS mm -> image LPS mm; default identity) samples the
+    image at T(p), e.g. the moving image pre-aligned by the affine stage.
     Outside ``image`` the value is its minimum (air for CT, 0 for masks).
     """
     outside = float(np.nanmin(sitk.GetArrayViewFromImage(image)))
-    resampled = sitk.Resample(image, grid, sitk.Transform(), interpolator,
+    resampled = sitk.Resample(image, grid, transform or sitk.Transform(), interpolator,
                               outside if np.isfinite(outside) else -1000.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(resampled)
 
 
 def prepare_pair(fixed: sitk.Image, moving: sitk.Image, config: PreprocessConfig,
-                 roi_mask: sitk.Image | None = None) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
-    """Network grid plus the fixed and moving images on it, normalised to [0, 1] (D, H, W)."""
+                 roi_mask: sitk.Image | None = None,
+                 moving_transform: sitk.Transform | None = None) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """Network grid plus the fixed and moving images on it, normalised to [0, 1] (D, H, W).
+
+    ``moving_transform`` (fixed LPS mm -> moving LPS mm, e.g. the affine
+    pre-alignment) is applied to the moving image on its way to the grid.
+    """
     grid = network_grid(fixed, config, roi_mask)
-    return grid, normalise_ct(to_grid(fixed, grid), config), normalise_ct(to_grid(moving, grid), config)
+    moving_on_grid = to_grid(moving, grid, transform=moving_transform)
+    return grid, normalise_ct(to_grid(fixed, grid), config), normalise_ct(moving_on_grid, config)
 
 
 def flow_to_fixed_field(flow: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -> sitk.Image:

@@ -64,15 +64,16 @@ def finer_config(config: PreprocessConfig) -> PreprocessConfig:
 
 def refine_two_levels(flow: np.ndarray, coarse: Pair, fixed: sitk.Image, moving: sitk.Image,
                       config: PreprocessConfig, steps: int, device: torch.device = torch.device("cpu"),
-                      roi_mask: sitk.Image | None = None) -> tuple[np.ndarray, sitk.Image]:
+                      roi_mask: sitk.Image | None = None,
+                      moving_transform: sitk.Transform | None = None) -> tuple[np.ndarray, sitk.Image]:
     """Refine the network's voxel flow [3, D, H, W] on ``coarse`` (its own grid) for ``steps`` Adam steps, then
-    carry it over as an LPS mm field onto the grid of :func:`finer_config` (``fixed``, ``moving`` and
-    ``roi_mask`` prepared as for the network) and refine it there for ``2 * steps``.
+    carry it over as an LPS mm field onto the grid of :func:`finer_config` (``fixed``, ``moving``,
+    ``roi_mask`` and ``moving_transform`` prepared as for the network) and refine it there for ``2 * steps``.
 
     Returns the refined voxel flow on the fine grid, and that grid.
     """
     flow = _refined(flow, coarse, steps, *COARSE_LEVEL, device)
-    fine = prepare_pair(fixed, moving, finer_config(config), roi_mask)
+    fine = prepare_pair(fixed, moving, finer_config(config), roi_mask, moving_transform)
     flow = field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, coarse[0]), fine[0]))
     return _refined(flow, fine, 2 * steps, *FINE_LEVEL, device), fine[0]
 

@@ -1,8 +1,12 @@
 """Register a moving CT to a fixed CT with UDRNet: images in, physical field out.
 
-Data flow: images (any geometry) -> network grid (:mod:`.preprocess`) ->
-UDRNet voxel flow -> LPS mm field on the fixed image's own grid
-(:mod:`.geometry`) -> warped moving image and transform.
+Stages: images (any geometry) -> lung masks (given, else automatic:
+:mod:`.lung_mask`) -> affine pre-alignment (:mod:`.affine`) -> network grid
+(:mod:`.preprocess`) -> UDRNet voxel flow -> optional refinement
+(:mod:`.refine`) -> the stage to keep (:mod:`.stage_choice`: never worse than
+doing nothing) -> LPS mm field, composed with the affine, on its native grid
+and on the fixed image's own grid (:mod:`.geometry`) -> warped moving image
+and transform.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .affine import prealign
 from .checkpoint import load_model
 from .errors import DeviceError, InputError, ResourceError
-from .geometry import field_to_transform, warp_image
+from .geometry import (affine_points, compose_affine, field_to_transform, field_to_voxel_flow, resample_field, voxel_flow_to_field,
+                       warp_image)
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
+from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
 from .model import UDRNet
-from .preprocess import (PreprocessConfig, flow_to_fixed_field, flow_to_native_field, mask_on_image_grid, prepare_pair,
-                         replace_non_finite, warn_if_not_ct)
+from .preprocess import (PreprocessConfig, flow_to_native_field, mask_on_image_grid, normalise_ct, prepare_pair,
+                         replace_non_finite, to_grid, warn_if_not_ct)
 from .refine import finer_config, refine_two_levels
+from .stage_choice import Candidate, StageScore, choose, grid_points
+from .warp import warp
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,12 @@ class RegistrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)
     native_displacement: sitk.Image | None = None
+    stages: list[StageScore] = field(default_factory=list)
+    kept_stage: str = "network"
+    affine: sitk.AffineTransform | None = None
+    fixed_mask: sitk.Image | None = None
+    moving_mask: sitk.Image | None = None
+    mask_sources: dict[str, str | None] = field(default_factory=dict)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -150,6 +165,87 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return result
 
 
+def _lung_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
+                moving_mask: sitk.Image | None) -> tuple[sitk.Image | None, sitk.Image | None, dict]:
+    """The lung masks to use: the given ones, else automatic ones (:mod:`.lung_mask`); a scan in which no
+    lungs are found goes on without (a warning says so). Also says where each came from."""
+    masks, sources = {}, {}
+    for key, image, given in (("fixed", fixed, fixed_mask), ("moving", moving, moving_mask)):
+        if given is not None:
+            masks[key], sources[key] = given, "given"
+            continue
+        try:
+            masks[key], sources[key] = lung_mask(image, f"{key} image"), "automatic"
+        except InputError as error:
+            log.warning("%s; registering without a %s lung mask (no affine pre-alignment, similarity on the "
+                        "whole overlap)", error, key)
+            masks[key], sources[key] = None, None
+    return masks["fixed"], masks["moving"], sources
+
+
+def _affine_stage(fixed: sitk.Image, moving: sitk.Image, fixed_lungs: sitk.Image,
+                  moving_lungs: sitk.Image) -> sitk.AffineTransform | None:
+    """The affine pre-alignment (fixed -> moving LPS mm), or None (with a warning) when the masks cannot
+    give one."""
+    try:
+        result = prealign(fixed, moving, fixed_lungs, moving_lungs)
+    except InputError as error:
+        log.warning("affine pre-alignment skipped: %s", error)
+        return None
+    for message in result.messages:
+        log.info("affine pre-alignment: %s", message)
+    return result.transform
+
+
+@dataclass
+class Branch:
+    """One way of mapping the moving scan: an optional affine (fixed -> moving LPS mm) then an optional
+    network voxel flow [3, D, H, W] on ``grid``; ``moving_net`` is the moving image as the network saw it."""
+
+    name: str
+    transform: sitk.AffineTransform | None
+    grid: sitk.Image
+    moving_net: np.ndarray | None
+    flow: np.ndarray | None = None
+
+
+def _choose(fixed_net: np.ndarray, fixed_lungs_net: np.ndarray | None, moving: sitk.Image,
+            branches: list[Branch], never_worse: bool) -> tuple[Branch, list[StageScore]]:
+    """The branch with the best lung NCC on the network grid, later ones winning ties
+    (:mod:`.stage_choice`); without ``never_worse``, the last branch whatever its score."""
+    grid = branches[0].grid
+    points = grid_points(grid)
+    candidates = []
+    for branch in branches:
+        mapped, moving01 = points, branch.moving_net
+        if branch.flow is not None:
+            mapped = points + sitk.GetArrayViewFromImage(voxel_flow_to_field(branch.flow, grid))
+            moving01 = warp(torch.from_numpy(branch.moving_net)[None, None],
+                            torch.from_numpy(branch.flow)[None])[0, 0].numpy()
+        if branch.transform is not None:
+            mapped = affine_points(branch.transform, mapped)
+        candidates.append(Candidate(branch.name, moving01, mapped))
+    kept, scores = choose(fixed_net, fixed_lungs_net, moving, candidates)
+    if not never_worse:
+        kept = branches[-1].name
+        scores = [StageScore(score.stage, score.lung_ncc_percent, score.stage == kept) for score in scores]
+    return next(branch for branch in branches if branch.name == kept), scores
+
+
+def _warn_if_dropped(kept: Branch, scores: list[StageScore], refined: bool) -> None:
+    """Say so when the network (or the refinement) lowered the similarity and an earlier result was kept."""
+    dropped = [score for score in scores if "network" in score.stage or "refinement" in score.stage]
+    if "network" not in kept.name or (refined and "refinement" not in kept.name):
+        worst = [f"{score.stage} {score.lung_ncc_percent:.1f}%" for score in dropped
+                 if score.lung_ncc_percent is not None and score.stage != kept.name]
+        log.warning("kept the %s result (lung NCC %.1f%%): %s lowered the similarity in the lungs; this pair "
+                    "may be unlike the training data", kept.name, _score_of(scores, kept.name), ", ".join(worst))
+
+
+def _score_of(scores: list[StageScore], name: str) -> float:
+    return next((score.lung_ncc_percent for score in scores if score.stage == name), None) or -np.inf
+
+
 def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
                           max_memory: str | int | None, report: bool = False, refine: bool = False) -> None:
     """Refuse (:class:`ResourceError`) a registration whose estimated peak memory exceeds the limit.
@@ -168,14 +264,17 @@ def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: 
 
 def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, moving_mask=None,
              preprocess: PreprocessConfig | None = None, progress: Progress | None = None,
-             max_memory: str | int | None = None, refine_steps: int = 0) -> RegistrationResult:
+             max_memory: str | int | None = None, refine_steps: int = 0, affine: bool = True,
+             never_worse: bool = True) -> RegistrationResult:
     """Deformably register ``moving`` onto ``fixed`` (images or file paths).
 
     ``model`` is a checkpoint path, a :class:`UDRNet`, what :func:`load_model`
-    returns, or None for the bundled weights. ``fixed_mask`` (optional lung
-    mask) focuses the network grid on the mask's bounding box;
-    ``moving_mask`` is only checked here (used for evaluation by the
-    callers); masks on another grid than their image are resampled onto it.
+    returns, or None for the bundled weights. ``fixed_mask``, ``moving_mask``:
+    lung masks (default: automatic ones; see the module docstring for the
+    stages); masks on another grid than their image are resampled onto it.
+    ``affine`` adds the affine pre-alignment; ``never_worse`` keeps the stage
+    most similar in the lungs (False: the last stage, e.g. to evaluate a
+    network as it is).
     ``max_memory`` (bytes or e.g. "8G"; default: the memory available now)
     bounds the estimated peak memory, checked before the voxels are read.
     ``refine_steps`` > 0 adds instance refinement of the network's field on
@@ -203,31 +302,71 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     fixed_image = _ct_image(fixed, "fixed image")
     moving_image = _ct_image(moving, "moving image")
     fixed_mask = _mask(fixed_mask, fixed_image, "fixed mask")
-    _mask(moving_mask, moving_image, "moving mask")
+    moving_mask = _mask(moving_mask, moving_image, "moving mask")
     timings = {"read": time.perf_counter() - started}
 
-    report(0.1, "resampling both images onto the network grid")
+    report(0.1, "finding the lungs")
     step = time.perf_counter()
-    grid, fixed_net, moving_net = prepare_pair(fixed_image, moving_image, config, roi_mask=fixed_mask)
+    fixed_lungs, moving_lungs, mask_sources = _lung_masks(fixed_image, moving_image, fixed_mask, moving_mask)
+    timings["lung masks"] = time.perf_counter() - step
+
+    affine_transform = None
+    if affine and fixed_lungs is not None and moving_lungs is not None:
+        report(0.2, "affine pre-alignment")
+        step = time.perf_counter()
+        affine_transform = _affine_stage(fixed_image, moving_image, fixed_lungs, moving_lungs)
+        timings["affine"] = time.perf_counter() - step
+
+    report(0.25, "resampling both images onto the network grid")
+    step = time.perf_counter()
+    grid, fixed_net, moving_net = prepare_pair(fixed_image, moving_image, config, fixed_lungs)
+    branches = [Branch("identity", None, grid, moving_net), Branch("network", None, grid, moving_net)]
+    if affine_transform is not None:
+        aligned_net = normalise_ct(to_grid(moving_image, grid, transform=affine_transform), config)
+        branches[1:1] = [Branch("affine", affine_transform, grid, aligned_net)]
+        branches.append(Branch("affine + network", affine_transform, grid, aligned_net))
     timings["preprocess"] = time.perf_counter() - step
 
     report(0.3, f"running UDRNet on {target.type}")
     step = time.perf_counter()
-    flow = predict_flow(net, fixed_net, moving_net, target)
-    used = next(net.parameters()).device  # the CPU if predict_flow fell back to it
+    for branch in branches:
+        if branch.name.endswith("network"):
+            branch.flow = predict_flow(net, fixed_net, branch.moving_net, target)
+            target = next(net.parameters()).device  # the CPU if predict_flow fell back to it
+    used = target
     timings["network"] = time.perf_counter() - step
 
+    report(0.45, "keeping the stages that raise the lung similarity")
+    step = time.perf_counter()
+    fixed_lungs_net = None if fixed_lungs is None else to_grid(fixed_lungs, grid, sitk.sitkNearestNeighbor) > 0
+    kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, never_worse)
+    timings["choice"] = time.perf_counter() - step
+
     if refine_steps:
-        report(0.4, f"refining the field on this pair ({refine_steps} + {2 * refine_steps} steps)")
+        report(0.5, f"refining the field on this pair ({refine_steps} + {2 * refine_steps} steps)")
         step = time.perf_counter()
-        flow, grid = refine_two_levels(flow, (grid, fixed_net, moving_net), fixed_image, moving_image, config,
-                                       refine_steps, used, roi_mask=fixed_mask)
+        start_from = kept if kept.flow is not None else max((b for b in branches if b.flow is not None),
+                                                            key=lambda b: _score_of(scores, b.name))
+        flow, fine_grid = refine_two_levels(start_from.flow, (grid, fixed_net, start_from.moving_net), fixed_image,
+                                            moving_image, config, refine_steps, used, fixed_lungs,
+                                            start_from.transform)
+        on_grid = field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, fine_grid), grid))
+        refined = Branch(f"{start_from.name} + refinement", start_from.transform, grid, start_from.moving_net,
+                         on_grid.astype(np.float32))
+        kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, refined], never_worse)
+        if kept is refined:
+            kept = Branch(refined.name, refined.transform, fine_grid, None, flow)
         timings["refine"] = time.perf_counter() - step
+    if never_worse:
+        _warn_if_dropped(kept, scores, refined=refine_steps > 0)
 
     report(0.7, "mapping the displacement field to the fixed image grid")
     step = time.perf_counter()
-    displacement = flow_to_fixed_field(flow, grid, fixed_image)
-    native_displacement = flow_to_native_field(flow, grid, fixed_image)
+    flow = kept.flow if kept.flow is not None else np.zeros((3, *kept.grid.GetSize()[::-1]), np.float32)
+    native_displacement = flow_to_native_field(flow, kept.grid, fixed_image)
+    if kept.transform is not None:
+        native_displacement = compose_affine(kept.transform, native_displacement)
+    displacement = resample_field(native_displacement, fixed_image, sitk.sitkVectorFloat32)
     transform = field_to_transform(displacement)
     timings["field"] = time.perf_counter() - step
 
@@ -244,10 +383,16 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         warped=warped,
         displacement=displacement,
         transform=transform,
-        grid=grid,
+        grid=kept.grid,
         preprocess=config,
         device=str(used),
         timings=timings,
         model_info=info,
         native_displacement=native_displacement,
+        stages=scores,
+        kept_stage=kept.name,
+        affine=kept.transform,
+        fixed_mask=fixed_lungs,
+        moving_mask=moving_lungs,
+        mask_sources=mask_sources,
     )

@@ -11,6 +11,8 @@ same scores are also given inside the lungs (the mask within the overlap).
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -77,12 +79,17 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
       the overlap; ``lung_one_minus_mse_percent`` and ``lung_ncc_percent`` on
       the fixed lung mask within the overlap (with ``fixed_mask``); None where
       that region is empty. ``dice_percent``: lung Dice on the whole fixed grid
-      (with both masks); ``tre_mm`` (with points).
+      (with both masks); ``tre_mm`` (with points). The masks default to
+      those the registration used (given or automatic: ``stages.lung_masks``).
+    * ``stages``: which stage was kept (identity, affine, network or
+      refinement) and each stage's lung NCC on the network grid.
     * ``jacobian``: SDlogJ and folding of the field on its native grid (the
       resolution it really has; the fixed grid where there is none).
 
     Points are LPS mm, row i of ``fixed_points`` corresponding to row i of ``moving_points``.
     """
+    fixed_mask = result.fixed_mask if fixed_mask is None else fixed_mask
+    moving_mask = result.moving_mask if moving_mask is None else moving_mask
     preprocess = result.preprocess
     fixed_values = normalise_ct(sitk.GetArrayViewFromImage(fixed), preprocess)
     before = normalise_ct(sitk.GetArrayFromImage(_on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
@@ -115,6 +122,8 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
             tre = metrics.target_registration_error(mapped, moving_points)
             report[state]["tre_mm"] = {"mean": float(tre.mean()), "std": float(tre.std()),
                                        "p90": float(np.percentile(tre, 90)), "max": float(tre.max())}
+    report["stages"] = {"kept": result.kept_stage, "lung_masks": result.mask_sources,
+                        "scores": [asdict(score) for score in result.stages]}
     return report
 
 
@@ -137,4 +146,7 @@ def summary_line(report: dict) -> str:
         parts.append(f"TRE {before['tre_mm']['mean']:.2f} -> {after['tre_mm']['mean']:.2f} mm")
     parts.append(f"folded voxels {report['jacobian']['folding_percent']:.3f}%")
     parts.append(f"{report['runtime_s']['total']:.1f} s on {report['device']}")
+    kept = report.get("stages", {}).get("kept")
+    if kept and kept not in ("network", "refinement"):
+        parts.append(f"kept the {kept} result: the later stages lowered the similarity in the lungs")
     return "; ".join(parts)

@@ -68,7 +68,8 @@ def evaluate_pair(net: UDRNet, preprocess: PreprocessConfig, pair: PairRecord, d
     moving = read_image(pair.moving, f"pair {pair.name}: moving image")
     fixed_mask = read_image(pair.fixed_mask, f"pair {pair.name}: fixed mask") if pair.fixed_mask else None
     moving_mask = read_image(pair.moving_mask, f"pair {pair.name}: moving mask") if pair.moving_mask else None
-    result = register(fixed, moving, model=net, device=device, fixed_mask=fixed_mask, preprocess=preprocess)
+    result = register(fixed, moving, model=net, device=device, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                      preprocess=preprocess, affine=False, never_worse=False)  # the network as it is (paper)
     report = registration_report(fixed, moving, result, fixed_mask, moving_mask)
     row = {"pair": pair.name, "overlap_percent": report["overlap_percent"]}
     for state in STATES:
