@@ -93,3 +93,17 @@ def phantom_files(tmp_path):
         "model": save_checkpoint(tmp_path / "model.pt", model, PreprocessConfig(grid_shape=(32, 32, 32))),
     }
     return paths
+
+
+@pytest.fixture(scope="session")
+def lung2_breathing_pair():
+    """A breathing pair (exact correspondence, 100 landmarks) from the real lung2 CT on a 2.5 mm grid, with a
+    seed and amplitude that neither the bundled weights' training nor their validation used."""
+    from LungUDRNetLib.sample_data import SampleDataError, default_cache_dir, sample_ct_paths
+    from LungUDRNetLib.synth import make_breathing_pair, resample_to_grid
+    try:
+        paths = sample_ct_paths()
+    except SampleDataError:
+        pytest.skip(f"sample CTs not in {default_cache_dir()} (run: python -m LungUDRNetLib.sample_data)")
+    ct = resample_to_grid(sitk.ReadImage(str(paths["lung2"])), (134, 96, 146), (2.5, 2.5, 2.5))
+    return make_breathing_pair(ct, seed=777, amplitude_mm=14.0)

@@ -15,24 +15,16 @@ from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.metrics import jacobian_statistics, target_registration_error
 from LungUDRNetLib.geometry import field_to_voxel_flow
 from LungUDRNetLib.registration import register
-from LungUDRNetLib.sample_data import SampleDataError, default_cache_dir, sample_ct_paths
-from LungUDRNetLib.synth import make_breathing_pair, resample_to_grid
 
 TRE_RATIO_BOUND = 0.5  # mean TRE after / before
 FOLDING_BOUND_PERCENT = 1.0
 
 
 @pytest.fixture(scope="module")
-def held_out_pair():
+def held_out_pair(lung2_breathing_pair):
     if not DEFAULT_WEIGHTS.is_file():
         pytest.skip(f"no bundled weights at {DEFAULT_WEIGHTS.name}")
-    try:
-        paths = sample_ct_paths()
-    except SampleDataError:
-        pytest.skip(f"sample CTs not in {default_cache_dir()} (run: python -m LungUDRNetLib.sample_data)")
-    import SimpleITK as sitk
-    ct = resample_to_grid(sitk.ReadImage(str(paths["lung2"])), (134, 96, 146), (2.5, 2.5, 2.5))
-    return make_breathing_pair(ct, seed=777, amplitude_mm=14.0)
+    return lung2_breathing_pair
 
 
 def _tre_ratio_and_folding(pair, model) -> tuple[float, float]:

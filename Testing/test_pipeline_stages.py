@@ -16,19 +16,12 @@ from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.metrics import target_registration_error
 from LungUDRNetLib.registration import register
 from LungUDRNetLib.report import registration_report, summary_line
-from LungUDRNetLib.sample_data import SampleDataError, default_cache_dir, sample_ct_paths
 from LungUDRNetLib.stage_choice import Candidate, choose
-from LungUDRNetLib.synth import make_breathing_pair, resample_to_grid
 
 
 @pytest.fixture(scope="module")
-def breathing_pair():
-    try:
-        paths = sample_ct_paths()
-    except SampleDataError:
-        pytest.skip(f"sample CTs not in {default_cache_dir()} (run: python -m LungUDRNetLib.sample_data)")
-    ct = resample_to_grid(sitk.ReadImage(str(paths["lung2"])), (134, 96, 146), (2.5, 2.5, 2.5))
-    return make_breathing_pair(ct, seed=777, amplitude_mm=14.0)
+def breathing_pair(lung2_breathing_pair):
+    return lung2_breathing_pair
 
 
 def with_setup_difference(pair, rotation_rad, translation_mm):

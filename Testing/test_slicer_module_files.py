@@ -35,7 +35,7 @@ CATALOG_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_typ
 
 
 def module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text())
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
 
 
 def ui_widgets() -> dict[str, ET.Element]:
@@ -51,7 +51,7 @@ def parameter_name(widget: ET.Element) -> str | None:
 
 def parameter_fields(path: Path = MODULE_FILE, class_name: str = "LungUDRNetParameterNode") -> dict[str, str]:
     """Fields of a module's parameter node class -> their annotations (source text)."""
-    node_class = next(node for node in ast.walk(ast.parse(path.read_text()))
+    node_class = next(node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                       if isinstance(node, ast.ClassDef) and node.name == class_name)
     return {statement.target.id: ast.unparse(statement.annotation)
             for statement in node_class.body if isinstance(statement, ast.AnnAssign)}
@@ -107,12 +107,12 @@ def calls_by_function(tree: ast.Module) -> dict[str, set[str]]:
 def test_packages_are_installed_only_after_apply_or_start():
     """torch and pip packages are installed by ensureRequirements, called from Apply or Start only (never at
     import, never from a self-test)."""
-    panel = calls_by_function(ast.parse(PANEL_FILE.read_text()))
+    panel = calls_by_function(ast.parse(PANEL_FILE.read_text(encoding="utf-8")))
     assert panel["pip_install"] == {"ensureRequirements"}
     assert panel["installTorch"] == {"ensureRequirements", "installTorch"}  # the method of PyTorchUtilsLogic
     assert calls_by_function(module_tree())["ensureRequirements"] == {"onApplyButton"}
-    assert calls_by_function(ast.parse(TRAINER_FILE.read_text()))["ensureRequirements"] == {"onStartButton"}
-    for tree in (module_tree(), ast.parse(PANEL_FILE.read_text())):
+    assert calls_by_function(ast.parse(TRAINER_FILE.read_text(encoding="utf-8")))["ensureRequirements"] == {"onStartButton"}
+    for tree in (module_tree(), ast.parse(PANEL_FILE.read_text(encoding="utf-8"))):
         top_level_calls = [node for statement in tree.body
                            if not isinstance(statement, (ast.FunctionDef, ast.ClassDef))
                            for node in ast.walk(statement) if isinstance(node, ast.Call)]
@@ -122,7 +122,7 @@ def test_packages_are_installed_only_after_apply_or_start():
 def test_registration_needs_only_what_its_child_process_imports():
     """The packages the panel installs for registration are core dependencies (same bounds as pyproject.toml),
     not what only the trainer and the demo use; torch comes from the PyTorch extension."""
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     assert set(REGISTRATION_REQUIREMENTS) <= set(dependencies)
     assert set(TRAINING_REQUIREMENTS) <= set(dependencies)
     assert TORCH_REQUIREMENT in dependencies
@@ -144,7 +144,7 @@ def test_every_node_parameter_may_be_empty():
 
 def test_self_tests_skip_before_anything_else_when_requirements_are_missing():
     for path, requirements in ((MODULE_FILE, "REGISTRATION_REQUIREMENTS"), (TRAINER_FILE, "TRAINING_REQUIREMENTS")):
-        run_test = next(node for node in ast.walk(ast.parse(path.read_text()))
+        run_test = next(node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                         if isinstance(node, ast.FunctionDef) and node.name == "runTest")
         assert ast.unparse(run_test.body[0]) == f"skipReason = self_test_skip_reason({requirements})", path.name
         assert ast.unparse(run_test.body[1].test) == "skipReason"
@@ -176,7 +176,7 @@ def test_unmet_requirements_name_the_version_found():
 
 def test_the_contributors_name_their_organisation():
     for path in (MODULE_FILE, TRAINER_FILE):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         contributors = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                             and getattr(node.targets[0], "id", "") == "CONTRIBUTORS")
         assert contributors and all(re.fullmatch(r"[^()]+ \([^()]+\)", name) for name in contributors), contributors
@@ -184,11 +184,11 @@ def test_the_contributors_name_their_organisation():
 
 def test_the_panel_and_readme_carry_the_research_use_disclaimer():
     assert ui_widgets()["disclaimerLabel"].find("property/string").text.startswith("For research use only")
-    assert "for research use only" in (ROOT / "README.md").read_text().lower()
+    assert "for research use only" in (ROOT / "README.md").read_text(encoding="utf-8").lower()
 
 
 def test_module_metadata():
-    source = MODULE_FILE.read_text()
+    source = MODULE_FILE.read_text(encoding="utf-8")
     assert 'translate("qSlicerAbstractCoreModule", "Registration")' in source
     assert "https://github.com/LungUDRNet/SlicerLungUDRNet#use-in-3d-slicer" in source
     assert "Unsupervised deformable registration of lung CT images with a" in source
@@ -197,7 +197,7 @@ def test_module_metadata():
 
 def top_level_imports(path: Path) -> set[str]:
     """The top-level packages a file imports at module level (relative imports excluded)."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     return imported | {node.module.split(".")[0] for node in tree.body
                        if isinstance(node, ast.ImportFrom) and node.level == 0}
@@ -212,7 +212,7 @@ def test_slicer_logic_imports_only_mrml_vtk_numpy_and_the_core():
 
 def test_the_core_imports_no_slicer_no_trainer_no_bench():
     for path in (MODULE / "LungUDRNetLib").rglob("*.py"):
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         for forbidden in ("slicer", "vtk", "qt", "LungUDRNetTrainerLib", "LungUDRNetBench", "LungUDRNetSlicerLib"):
             assert not re.search(rf"^\s*(import|from) {forbidden}\b", source, re.MULTILINE), (path.name, forbidden)
 
@@ -228,22 +228,22 @@ def cmake_list(text: str, variable: str) -> set[str]:
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     python_files = {MODULE_FILE, *(MODULE / "LungUDRNetLib").rglob("*.py"), *(MODULE / "LungUDRNetSlicerLib").rglob("*.py")}
     resources = {path for path in (MODULE / "Resources").rglob("*") if path.is_file()}
     assert cmake_list(text, "MODULE_PYTHON_SCRIPTS") == {p.relative_to(MODULE).as_posix() for p in python_files}
     assert cmake_list(text, "MODULE_PYTHON_RESOURCES") == {p.relative_to(MODULE).as_posix() for p in resources}
     assert "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    assert re.search(r"add_subdirectory\(LungUDRNet\)", (ROOT / "CMakeLists.txt").read_text())
+    assert re.search(r"add_subdirectory\(LungUDRNet\)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
 
 
 def test_extension_index_description():
-    entry = json.loads((ROOT / "LungUDRNet.json").read_text())
+    entry = json.loads((ROOT / "LungUDRNet.json").read_text(encoding="utf-8"))
     assert set(entry) <= CATALOG_PROPERTIES and {"$schema", "category", "scm_url"} <= set(entry)
     assert entry["category"] == "Registration"
     assert entry["build_dependencies"] == ["PyTorch"]
-    extension = (ROOT / "CMakeLists.txt").read_text()
+    extension = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     homepage = re.search(r'EXTENSION_HOMEPAGE "([^"#]+)', extension)[1]
     assert entry["scm_url"].removesuffix(".git") == homepage
     assert re.search(r'EXTENSION_CATEGORY "Registration"', extension)
@@ -257,6 +257,6 @@ def test_icon_is_a_128_pixel_png():
 
 
 def test_license_is_apache_2():
-    text = (ROOT / "LICENSE").read_text()
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text

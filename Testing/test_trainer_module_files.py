@@ -13,7 +13,7 @@ from pathlib import Path
 from LungUDRNetTrainerLib.config import FIELDS, PRESETS
 
 MODULE = Path(__file__).resolve().parents[1] / "LungUDRNetTrainer"
-TREE = ast.parse((MODULE / "LungUDRNetTrainer.py").read_text())
+TREE = ast.parse((MODULE / "LungUDRNetTrainer.py").read_text(encoding="utf-8"))
 UI = ET.parse(MODULE / "Resources" / "UI" / "LungUDRNetTrainer.ui")
 WIDGET_FOR_TYPE = {"str": "ctkPathLineEdit", "bool": "QCheckBox"}
 
@@ -55,9 +55,9 @@ def test_the_panel_choices_are_the_trainers():
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", (MODULE / "CMakeLists.txt").read_text()))
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")))
     # LungUDRNetTrainer.py -> ".py", LungUDRNetTrainerLib/training.py -> "Lib/training.py" (after ${MODULE_NAME})
     files = {p.relative_to(MODULE).as_posix()[len("LungUDRNetTrainer"):] for p in MODULE.rglob("*.py")}
     assert {".py", "Lib/training.py"} <= files
     assert files <= listed, f"not in CMakeLists.txt: {sorted(files - listed)}"
-    assert "Resources/UI/${MODULE_NAME}.ui" in (MODULE / "CMakeLists.txt").read_text()
+    assert "Resources/UI/${MODULE_NAME}.ui" in (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
