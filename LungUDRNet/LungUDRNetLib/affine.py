@@ -37,6 +37,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import index_to_points
+from .lung_mask import working_grid
 
 HU_RANGE = (-1000.0, 200.0)  # CT values are clipped to this before the image metric
 
@@ -118,6 +119,8 @@ def prealign(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, movi
     empty mask.
     """
     start = time.perf_counter()
+    fixed, fixed_mask = _patient_aligned(fixed, fixed_mask)
+    moving, moving_mask = _patient_aligned(moving, moving_mask)
     coarse = _coarse_inputs(fixed, moving, fixed_mask, moving_mask, config)
     run = _Prealignment(coarse, config, start)
     run.timings["coarse"] = time.perf_counter() - start
@@ -266,6 +269,15 @@ class _Prealignment:
 
 
 # ----------------------------------------------------------------------------- coarse inputs
+
+
+def _patient_aligned(ct: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """The CT (float32, HU) and its mask (uint8) on the CT's axis-aligned working grid of at least 2 mm
+    (:func:`.lung_mask.working_grid`), so that the coarse images, and so the result, do not depend on how
+    the files store their axes."""
+    grid = working_grid(ct)
+    return (sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32),
+            sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
 
 
 def _coarse_inputs(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,

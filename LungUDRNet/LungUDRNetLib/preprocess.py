@@ -10,8 +10,10 @@ covers the fixed image by :func:`flow_to_native_field`.
 
 Grid modes:
 
-* ``"fit"`` — the grid spans the fixed image's full extent with the given
-  shape (spacing scaled to fit): any input size, spacing or direction works.
+* ``"fit"`` — a patient-aligned grid (identity direction in LPS) spans the
+  fixed image's (or its lung box's) LPS extent with the given shape (spacing
+  scaled to fit): any input size, spacing or direction works, and the same
+  scan stored with other axis orders or flips gives the same network input.
 * ``"crop"`` — the grid keeps the fixed image's spacing and takes the centred
   block of the given shape: an exact crop (or pad), as the paper crops
   192x192x208 Learn2Reg volumes to 192^3.
@@ -26,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import covering_grid, direction_matrix, resample_field, voxel_flow_to_field
+from .geometry import covering_grid, direction_matrix, index_to_points, resample_field, voxel_flow_to_field
 
 log = logging.getLogger(__name__)
 
@@ -146,27 +148,33 @@ def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> 
 def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Image | None = None) -> sitk.Image:
     """An empty float32 image whose geometry is the network grid for ``fixed``.
 
-    ``roi_mask`` (optional, e.g. the fixed lung mask) restricts a ``"fit"``
-    grid to the mask's bounding box plus ``config.roi_margin_mm``.
+    ``"fit"``: patient-aligned (identity direction in LPS), spanning the LPS
+    bounding box of the fixed image, or of ``roi_mask``'s box (e.g. the fixed
+    lung mask) plus ``config.roi_margin_mm``: the network sees the anatomy the
+    same way however the file stores its axes (order, flips, obliquity).
+    ``"crop"``: the fixed image's own axes and spacing, the centred block.
     """
     shape_xyz = np.asarray(config.grid_shape[::-1])
     spacing = np.asarray(fixed.GetSpacing())
-    start, size = np.zeros(3, dtype=int), np.asarray(fixed.GetSize())
-    if roi_mask is not None and config.grid_mode == "fit":
-        start, size = _bounding_box(roi_mask, fixed, config.roi_margin_mm)
+    grid = sitk.Image([int(v) for v in shape_xyz], sitk.sitkFloat32)
     if config.grid_mode == "fit":
-        new_spacing = size * spacing / shape_xyz
-        first_center = start - 0.5 + 0.5 * new_spacing / spacing  # continuous index of the grid's voxel 0
+        start, size = np.zeros(3, dtype=int), np.asarray(fixed.GetSize())
+        if roi_mask is not None:
+            start, size = _bounding_box(roi_mask, fixed, config.roi_margin_mm)
+        edges = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * size + start - 0.5
+        corners = index_to_points(edges.astype(float), fixed)
+        low, high = corners.min(axis=0), corners.max(axis=0)
+        new_spacing = (high - low) / shape_xyz
+        grid.SetSpacing(tuple(float(v) for v in new_spacing))
+        grid.SetOrigin(tuple(float(v) for v in low + new_spacing / 2))
     elif config.grid_mode == "crop":
-        new_spacing = spacing
         first_center = (np.asarray(fixed.GetSize()) - shape_xyz) // 2
+        grid.SetSpacing(tuple(float(v) for v in spacing))
+        grid.SetOrigin(tuple(float(v) for v in np.asarray(fixed.GetOrigin())
+                             + direction_matrix(fixed) @ (spacing * first_center)))
+        grid.SetDirection(fixed.GetDirection())
     else:
         raise ValueError(f"unknown grid mode {config.grid_mode!r} (use 'fit' or 'crop')")
-    origin = np.asarray(fixed.GetOrigin()) + direction_matrix(fixed) @ (spacing * first_center)
-    grid = sitk.Image([int(v) for v in shape_xyz], sitk.sitkFloat32)
-    grid.SetSpacing(tuple(float(v) for v in new_spacing))
-    grid.SetOrigin(tuple(float(v) for v in origin))
-    grid.SetDirection(fixed.GetDirection())
     return grid
 
 
