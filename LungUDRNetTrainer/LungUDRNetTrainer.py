@@ -71,6 +71,7 @@ class LungUDRNetTrainerWidget(JobPanelWidget):
 
     uiFile = "LungUDRNetTrainer.ui"
     pollIntervalMs = POLL_INTERVAL_MS
+    cancelOnSceneClose = False  # training goes on after Close Scene; the panel binds to the new scene
 
     def setupLogic(self) -> None:
         self.logic = LungUDRNetTrainerLogic()

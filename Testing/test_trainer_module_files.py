@@ -61,3 +61,13 @@ def test_cmake_lists_every_python_file_and_resource():
     assert {".py", "Lib/training.py"} <= files
     assert files <= listed, f"not in CMakeLists.txt: {sorted(files - listed)}"
     assert "Resources/UI/${MODULE_NAME}.ui" in (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+
+
+def test_closing_the_scene_does_not_stop_a_training_run():
+    """Close Scene rebinds the panel (JobPanelWidget.onSceneStartClose) but a training run does not belong
+    to the scene: the trainer panel opts out of cancelling its job there."""
+    widget = next(node for node in ast.walk(TREE)
+                  if isinstance(node, ast.ClassDef) and node.name == "LungUDRNetTrainerWidget")
+    settings = {s.targets[0].id: ast.literal_eval(s.value) for s in widget.body
+                if isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name)}
+    assert settings["cancelOnSceneClose"] is False

@@ -30,6 +30,7 @@ class JobPanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     uiFile = ""
     pollIntervalMs = POLL_INTERVAL_MS
+    cancelOnSceneClose = True  # a registration belongs to the scene's volumes; a training run does not
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -67,7 +68,8 @@ class JobPanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._cancelJob()
+        if self.cancelOnSceneClose:
+            self._cancelJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
