@@ -68,6 +68,6 @@ def test_closing_the_scene_does_not_stop_a_training_run():
     to the scene: the trainer panel opts out of cancelling its job there."""
     widget = next(node for node in ast.walk(TREE)
                   if isinstance(node, ast.ClassDef) and node.name == "LungUDRNetTrainerWidget")
-    settings = {s.targets[0].id: ast.literal_eval(s.value) for s in widget.body
+    settings = {s.targets[0].id: ast.unparse(s.value) for s in widget.body
                 if isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name)}
-    assert settings["cancelOnSceneClose"] is False
+    assert settings["cancelOnSceneClose"] == "False"
