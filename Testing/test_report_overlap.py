@@ -161,11 +161,11 @@ def test_cli_metrics_json_holds_the_overlap_and_lung_similarity(partial_pair, tm
 
     report = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
     assert report["overlap_percent"] == pytest.approx(100.0 * MOVING_SLICES / SIZE[2])
-    assert report["stages"]["lung_masks"] == {"fixed": "given", "moving": "automatic"}
+    assert report["stages"]["lung_masks"] == {"fixed": "given", "moving": None}  # --no-affine: none needed
     assert 0.0 < report["lung_overlap_percent"] < 100.0
     for state in ("before", "after"):
         assert set(report[state]) == {"ncc_percent", "one_minus_mse_percent", "lung_ncc_percent",
-                                      "lung_one_minus_mse_percent", "dice_percent"}  # automatic moving mask
+                                      "lung_one_minus_mse_percent"}  # no moving mask: no Dice
         assert all(-100.0 <= value <= 100.0 for value in report[state].values())
     # The field is almost zero: after equals before.
     assert report["after"]["lung_ncc_percent"] == pytest.approx(report["before"]["lung_ncc_percent"], abs=0.5)

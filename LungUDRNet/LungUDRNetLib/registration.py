@@ -167,13 +167,15 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
 
 
 def _lung_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
-                moving_mask: sitk.Image | None) -> tuple[sitk.Image | None, sitk.Image | None, dict]:
-    """The lung masks to use: the given ones, else automatic ones (:mod:`.lung_mask`); a scan in which no
-    lungs are found goes on without (a warning says so). Also says where each came from."""
+                moving_mask: sitk.Image | None, moving_needed: bool) -> tuple[sitk.Image | None, sitk.Image | None,
+                                                                          dict]:
+    """The lung masks to use: the given ones, else automatic ones (:mod:`.lung_mask`; the moving one only
+    when ``moving_needed``, for the affine); a scan in which no lungs are found goes on without (a warning
+    says so). Also says where each came from."""
     masks, sources = {}, {}
     for key, image, given in (("fixed", fixed, fixed_mask), ("moving", moving, moving_mask)):
-        if given is not None:
-            masks[key], sources[key] = given, "given"
+        if given is not None or (key == "moving" and not moving_needed):
+            masks[key], sources[key] = given, None if given is None else "given"
             continue
         try:
             masks[key], sources[key] = lung_mask(image, f"{key} image"), "automatic"
@@ -308,7 +310,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
 
     report(0.1, "finding the lungs")
     step = time.perf_counter()
-    fixed_lungs, moving_lungs, mask_sources = _lung_masks(fixed_image, moving_image, fixed_mask, moving_mask)
+    fixed_lungs, moving_lungs, mask_sources = _lung_masks(fixed_image, moving_image, fixed_mask, moving_mask, affine)
     timings["lung masks"] = time.perf_counter() - step
 
     affine_transform = None
