@@ -433,7 +433,7 @@ def test_cancelling_a_background_job_kills_it_and_leaves_the_scene_unchanged(sce
     assert not job.poll()
     job.cancel()
 
-    assert job._process._job.returncode != 0
+    assert job._process.returncode != 0
     assert not folder.exists()
     assert node_snapshot(scene) == before
 

@@ -22,11 +22,11 @@ from .errors import CancelledError, LungUDRNetError
 from .io import read_displacement_field
 
 
-class RegistrationProcess:
+class RegistrationProcess(ChildJob):
     """``lungudrnet register`` on in-memory images (LPS), run by a child process.
 
-    ``fraction`` and ``message`` follow the child's progress events and
-    ``warnings`` collects its warnings once :meth:`poll` has read them.
+    ``fraction``, ``message``, ``warnings`` and ``log`` are those of
+    :class:`.ChildJob`, up to date after each :meth:`poll`.
     """
 
     def __init__(self, images: dict[str, sitk.Image | None], model: str | os.PathLike | None = None,
@@ -44,34 +44,10 @@ class RegistrationProcess:
                     args += [f"--{key.replace('_', '-')}", str(path)]
             if model is not None:
                 args += ["--model", str(model)]
-            self._job = ChildJob(args, python=python, message="starting the registration process")
+            super().__init__(args, python=python, message="starting the registration process")
         except BaseException:
             shutil.rmtree(self._folder, ignore_errors=True)
             raise
-
-    @property
-    def fraction(self) -> float:
-        """Progress in [0, 1]."""
-        return self._job.fraction
-
-    @property
-    def message(self) -> str:
-        """The current step, for a status line."""
-        return self._job.message
-
-    @property
-    def warnings(self) -> list[str]:
-        """The warnings the registration logged."""
-        return self._job.warnings
-
-    @property
-    def log(self) -> list[str]:
-        """The child's log lines (standard error)."""
-        return self._job.log
-
-    def poll(self) -> bool:
-        """Take in the child's new events; True once the child has ended."""
-        return self._job.poll()
 
     def results(self) -> tuple[sitk.Image, sitk.Image, dict]:
         """Warped image, displacement field (LPS mm) and metrics of the ended child; deletes the files.
@@ -82,12 +58,12 @@ class RegistrationProcess:
         gets the fixed image's exact geometry (NIfTI stores it in single precision).
         """
         try:
-            code = self._job.returncode
+            code = self.returncode
             if code is None:
                 raise RuntimeError("results() called while the registration process is running")
             if code != 0:
                 raise self._failure(code)
-            paths = self._job.paths
+            paths = self.paths
             warped = sitk.ReadImage(paths["warped.nii.gz"])
             displacement = read_displacement_field(paths["displacement.nii.gz"])
             report = json.loads(Path(paths["metrics.json"]).read_text())
@@ -102,9 +78,9 @@ class RegistrationProcess:
     def _failure(self, code: int) -> LungUDRNetError:
         if code == CancelledError.exit_code:
             return CancelledError("the registration process was interrupted")
-        return LungUDRNetError(self._job.failure_message("the registration process"))
+        return LungUDRNetError(self.failure_message("the registration process"))
 
     def cancel(self) -> None:
         """Kill the child (and its children) and delete the temporary files."""
-        self._job.kill()
+        self.kill()
         shutil.rmtree(self._folder, ignore_errors=True)

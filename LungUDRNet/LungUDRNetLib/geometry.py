@@ -106,6 +106,12 @@ def resample_field(field: sitk.Image, reference: sitk.Image,
     )
 
 
+def flow_on_grid(flow: np.ndarray, grid: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """A network voxel flow [3, D, H, W] on ``grid`` as the voxel flow of the same physical field on
+    ``target`` (e.g. between the network grid and the refinement's finer grid)."""
+    return field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, grid), target))
+
+
 def covering_grid(grid: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
     """``grid`` extended by whole nodes until its nodes span every voxel centre of ``reference``.
 

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .geometry import field_to_voxel_flow, resample_field, voxel_flow_to_field
+from .geometry import flow_on_grid
 from .losses import registration_loss
 from .preprocess import PreprocessConfig, prepare_pair
 from .warp import warp
@@ -74,7 +74,7 @@ def refine_two_levels(flow: np.ndarray, coarse: Pair, fixed: sitk.Image, moving:
     """
     flow = _refined(flow, coarse, steps, *COARSE_LEVEL, device)
     fine = prepare_pair(fixed, moving, finer_config(config), roi_mask, moving_transform)
-    flow = field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, coarse[0]), fine[0]))
+    flow = flow_on_grid(flow, coarse[0], fine[0])
     return _refined(flow, fine, 2 * steps, *FINE_LEVEL, device), fine[0]
 
 

@@ -23,8 +23,8 @@ import torch
 from .affine import prealign
 from .checkpoint import load_model
 from .errors import DeviceError, InputError, ResourceError
-from .geometry import (affine_points, compose_affine, field_to_transform, field_to_voxel_flow, resample_field, voxel_flow_to_field,
-                       warp_image)
+from .geometry import (affine_points, compose_affine, field_to_transform, flow_on_grid, resample_field,
+                       voxel_flow_to_field, warp_image)
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
 from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
@@ -212,22 +212,23 @@ class Branch:
     flow: np.ndarray | None = None
 
 
-def _choose(fixed_net: np.ndarray, fixed_lungs_net: np.ndarray | None, moving: sitk.Image,
-            branches: list[Branch], never_worse: bool) -> tuple[Branch, list[StageScore]]:
+def _candidate(branch: Branch, points: np.ndarray) -> Candidate:
+    """What ``branch`` makes of the moving scan on the network grid (``points``: its voxels, LPS mm)."""
+    mapped, moving01 = points, branch.moving_net
+    if branch.flow is not None:
+        mapped = points + sitk.GetArrayViewFromImage(voxel_flow_to_field(branch.flow, branch.grid))
+        moving01 = warp(torch.from_numpy(branch.moving_net)[None, None], torch.from_numpy(branch.flow)[None])[0, 0]
+        moving01 = moving01.numpy()
+    if branch.transform is not None:
+        mapped = affine_points(branch.transform, mapped)
+    return Candidate(branch.name, moving01, mapped)
+
+
+def _choose(fixed_net: np.ndarray, fixed_lungs_net: np.ndarray | None, moving: sitk.Image, branches: list[Branch],
+            candidates: list[Candidate], never_worse: bool) -> tuple[Branch, list[StageScore]]:
     """The branch with the best lung NCC on the network grid, later ones winning ties
-    (:mod:`.stage_choice`); without ``never_worse``, the last branch whatever its score."""
-    grid = branches[0].grid
-    points = grid_points(grid)
-    candidates = []
-    for branch in branches:
-        mapped, moving01 = points, branch.moving_net
-        if branch.flow is not None:
-            mapped = points + sitk.GetArrayViewFromImage(voxel_flow_to_field(branch.flow, grid))
-            moving01 = warp(torch.from_numpy(branch.moving_net)[None, None],
-                            torch.from_numpy(branch.flow)[None])[0, 0].numpy()
-        if branch.transform is not None:
-            mapped = affine_points(branch.transform, mapped)
-        candidates.append(Candidate(branch.name, moving01, mapped))
+    (:mod:`.stage_choice`); without ``never_worse``, the last branch whatever its score.
+    ``candidates`` are the branches' :func:`_candidate`, in the same order."""
     kept, scores = choose(fixed_net, fixed_lungs_net, moving, candidates)
     if not never_worse:
         kept = branches[-1].name
@@ -342,7 +343,9 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     report(0.45, "keeping the stages that raise the lung similarity")
     step = time.perf_counter()
     fixed_lungs_net = None if fixed_lungs is None else to_grid(fixed_lungs, grid, sitk.sitkNearestNeighbor) > 0
-    kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, never_worse)
+    points = grid_points(grid)
+    candidates = [_candidate(branch, points) for branch in branches]
+    kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
     timings["choice"] = time.perf_counter() - step
 
     if refine_steps:
@@ -353,10 +356,11 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         flow, fine_grid = refine_two_levels(start_from.flow, (grid, fixed_net, start_from.moving_net), fixed_image,
                                             moving_image, config, refine_steps, used, fixed_lungs,
                                             start_from.transform)
-        on_grid = field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, fine_grid), grid))
+        on_grid = flow_on_grid(flow, fine_grid, grid)
         refined = Branch(f"{start_from.name} + refinement", start_from.transform, grid, start_from.moving_net,
                          on_grid.astype(np.float32))
-        kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, refined], never_worse)
+        kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, refined],
+                               [*candidates, _candidate(refined, points)], never_worse)
         if kept is refined:
             kept = Branch(refined.name, refined.transform, fine_grid, None, flow)
         timings["refine"] = time.perf_counter() - step
