@@ -147,6 +147,6 @@ def summary_line(report: dict) -> str:
     parts.append(f"folded voxels {report['jacobian']['folding_percent']:.3f}%")
     parts.append(f"{report['runtime_s']['total']:.1f} s on {report['device']}")
     kept = report.get("stages", {}).get("kept")
-    if kept and kept not in ("network", "refinement"):
+    if kept and "network" not in kept:  # identity or affine: the network's result was dropped
         parts.append(f"kept the {kept} result: the later stages lowered the similarity in the lungs")
     return "; ".join(parts)
