@@ -65,3 +65,34 @@ def test_replace_non_finite_keeps_geometry_and_warns(caplog):
     assert np.all(np.isfinite(sitk.GetArrayViewFromImage(cleaned)))
     assert cleaned.GetOrigin() == image.GetOrigin()
     assert "3 NaN/Inf voxels" in caplog.text
+
+
+def test_canonical_grid_keeps_its_spacing_and_centres_on_the_lungs_however_the_scan_is_cut_or_stored():
+    fixed = chest_phantom(make_grid((60, 50, 40), (1.5, 2.0, 2.5), (-45.0, -50.0, -50.0)))
+    mask = lung_mask_phantom(fixed)
+    config = PreprocessConfig(grid_shape=(16, 24, 20), grid_mode="canonical", grid_spacing_mm=6.0, roi_margin_mm=0.0)
+    grid = network_grid(fixed, config, roi_mask=mask)
+    assert grid.GetSpacing() == pytest.approx((6.0, 6.0, 6.0)) and grid.GetSize() == (20, 24, 16)
+    assert grid.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    lung = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]
+    corners = [fixed.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
+               for c in (lung.min(axis=0) - 0.5, lung.max(axis=0) + 0.5)]
+    centre = grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()])
+    np.testing.assert_allclose(centre, np.mean(corners, axis=0), atol=1e-6)
+    # a wider field of view around the same lungs, stored flipped: the same canonical grid; "fit" stretches
+    wider = sitk.Flip(sitk.ConstantPad(fixed, (10, 0, 6), (4, 8, 0), -1000), [True, False, True])
+    wider_mask = sitk.Flip(sitk.ConstantPad(mask, (10, 0, 6), (4, 8, 0), 0), [True, False, True])
+    again = network_grid(wider, config, roi_mask=wider_mask)
+    assert again.GetSize() == grid.GetSize()
+    np.testing.assert_allclose(again.GetOrigin(), grid.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(again.GetSpacing(), grid.GetSpacing())
+    fit = PreprocessConfig(grid_shape=(16, 24, 20), grid_mode="fit")
+    assert network_grid(wider, fit).GetSpacing() != pytest.approx(network_grid(fixed, fit).GetSpacing())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"grid_mode": "stretch"}, "unknown grid mode"), ({"grid_mode": "canonical"}, "grid_spacing_mm"),
+    ({"window_width": 0.0}, "window_width"), ({"grid_shape": (0, 4, 4)}, "grid_shape")])
+def test_preprocess_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessConfig(**settings)

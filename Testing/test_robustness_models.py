@@ -48,6 +48,12 @@ def _other_architecture(model: Path) -> Path:
     return _edited(model, "edited.pt", halve_widths)
 
 
+def _preprocessing(**settings):
+    def edited(model: Path) -> Path:
+        return _edited(model, "edited.pt", lambda state: state["preprocess_config"].update(settings))
+    return edited
+
+
 def _newer_format(model: Path) -> Path:
     return _edited(model, "newer.pt", lambda state: state.update(format_version=FORMAT_VERSION + 1))
 
@@ -78,7 +84,11 @@ def _refused(files: dict[str, Path], tmp_path: Path, capsys, expected: str) -> N
                           r"encoders\.0\.0\.weight: .*\); the file was edited or mixes two models"),
     (_newer_format, rf"model .*newer.pt: checkpoint format {FORMAT_VERSION + 1} is newer than this LungUDRNet "
                     rf"supports \({FORMAT_VERSION}\); update LungUDRNet"),
-], ids=["missing", "truncated", "other-architecture", "newer-format"])
+    (_preprocessing(window_width=0.0), r"model .*edited.pt: its preprocessing settings are not valid \(window_width "
+                                       r"must be > 0 HU \(got 0.0\)\); the file was edited"),
+    (_preprocessing(grid_mode="stretch"), r"model .*edited.pt: its preprocessing settings are not valid \(unknown grid "
+                                          r"mode 'stretch'"),
+], ids=["missing", "truncated", "other-architecture", "newer-format", "zero-window", "unknown-grid-mode"])
 def test_a_bad_model_file_is_refused_by_the_api_and_the_cli(tmp_path, capsys, make, expected):
     files = write_case(tmp_path / "case")
     files["model"] = make(files["model"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, tables
+from . import data, tables, unseen
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS
 from LungUDRNetLib.errors import InputError
 from .evaluate import evaluate
@@ -39,6 +39,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: "
                         + ", ".join(METHODS))
     parser.add_argument("--pairs", type=int, default=6, help="synthetic breathing pairs on the Learn2Reg grid")
+    parser.add_argument("--groups", default="standard,unseen",
+                        help="pair groups: standard (breathing pairs on the Learn2Reg grid, --data, the elastix "
+                             "CT), unseen (scans unlike the training pairs: whole field of view, 5 mm slices, "
+                             "set-up differences, motion to 35 mm, other storage; reported apart)")
     parser.add_argument("--elastix-lung", default=str(DEFAULT_ELASTIX_DIR),
                         help="folder with the elastix test chest CT (used where present)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and pair (median)")
@@ -65,10 +69,17 @@ def add_parser(subparsers) -> None:
 def _pair_folders(args: argparse.Namespace, cache: Path) -> list[Path]:
     if args.quick:
         return data.tiny_pairs(cache)
-    folders = data.synthetic_pairs(cache, args.pairs)
-    folders += data.elastix_ct_pair(cache, Path(args.elastix_lung))
-    if args.data:
-        folders += data.learn2reg_pairs(cache, Path(args.data))
+    groups = {g.strip() for g in args.groups.split(",") if g.strip()}
+    if not groups or groups - {"standard", "unseen"}:
+        raise InputError(f"bench: --groups {args.groups!r}: use standard, unseen or both (comma-separated)")
+    folders = []
+    if "standard" in groups:
+        folders += data.synthetic_pairs(cache, args.pairs)
+        folders += data.elastix_ct_pair(cache, Path(args.elastix_lung))
+        if args.data:
+            folders += data.learn2reg_pairs(cache, Path(args.data))
+    if "unseen" in groups:
+        folders += data.unseen_pairs(cache, Path(args.elastix_lung))
     return folders
 
 
@@ -107,8 +118,10 @@ def gpu_network_seconds(shape: tuple[int, int, int] = (192, 192, 208), repeats: 
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
-def _write_outputs(rows: list[dict], machine: dict, notes: list[str], out: Path) -> None:
+def _write_outputs(rows: list[dict], machine: dict, notes: list[str], out: Path,
+                   pairs: dict[str, data.BenchPair]) -> None:
     machine = {**machine, "load_average_1m_now": tables.machine_description(machine["threads"])["load_average_1m"]}
+    notes = notes + unseen.criteria(rows, pairs, data.storage_variants(), out / "runs")
     summary = tables.summarise(rows)
     tables.write_csv(rows, out / "results.csv")
     (out / "results.md").write_text(tables.markdown(summary, machine, notes))
@@ -154,6 +167,6 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             rows.append(tables.row(method, pair.name, report, result))
             log.info("%-20s %-28s %s", method, pair.name, result.error or f"{result.median_s:.2f} s, "
                      f"TRE {rows[-1]['tre_mean_mm'] or float('nan'):.2f} mm, {result.peak_rss_mb:.0f} MB")
-            _write_outputs(rows, machine, notes, out)  # after every row: a stopped bench keeps its results
+            _write_outputs(rows, machine, notes, out, {p.name: p for p in pairs})  # after every row: a stopped bench keeps its results
     print((out / "results.md").read_text())
     return rows

@@ -7,6 +7,14 @@ and ``moving_mask.mha``, and ``points.npz`` with corresponding ``fixed`` and
 Sources: breathing pairs from real chest CTs (the project's sample CTs, or
 the elastix test CT) resampled to the Learn2Reg LungCT grid, and any
 Learn2Reg-layout folder (real images with keypoints or landmarks).
+
+The **unseen** group (:data:`UNSEEN_PLAN`, folders ``unseen_*``) holds pairs
+unlike the bundled weights' training pairs, from the two CTs no training run
+or setting was chosen on (``lung2`` and the elastix CT): whole field of view
+without masks, native or 5 mm slices, rigid set-up differences up to 10 degrees
+and 30 mm on top of breathing up to 35 mm, and the same pairs stored with
+flipped or permuted axes (:attr:`UnseenPair.storage_of`). Nothing is tuned on
+it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,43 @@ SYNTHETIC_PLAN = [("lung1", 0, 8.0), ("lung2", 1, 12.0), ("lung1", 2, 16.0),
                   ("lung2", 3, 8.0), ("lung1", 4, 12.0), ("lung2", 5, 16.0)]
 ELASTIX_CT = Path("3DCT_lung_baseline_small.mha")
 MIN_LANDMARKS = 50
+UNSEEN_PREFIX = "unseen_"
+
+
+@dataclass(frozen=True)
+class UnseenPair:
+    """One pair of the unseen group: a breathing pair from ``source`` (``"lung2"`` or ``"elastix"``) on its
+    native grid or the Learn2Reg grid, the moving patient moved by a rigid set-up difference (degrees
+    about LPS x, y, z through the body centre; mm), both scans given ``thickness_mm`` slices; or, with
+    ``storage_of``, that pair's images stored with axes ``order`` and ``flips`` (same physical content)."""
+
+    name: str
+    source: str = "lung2"
+    seed: int = 0
+    amplitude_mm: float = 15.0
+    anterior_fraction: float = 0.0
+    angles_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    thickness_mm: float = 0.0
+    native_grid: bool = False
+    storage_of: str | None = None
+    order: tuple[int, int, int] = (0, 1, 2)
+    flips: tuple[bool, bool, bool] = (False, False, False)
+
+
+UNSEEN_PLAN = [
+    UnseenPair("unseen_lung2_native_25mm", seed=11, amplitude_mm=25.0, anterior_fraction=0.3, native_grid=True),
+    UnseenPair("unseen_lung2_5mm_setup", seed=12, amplitude_mm=18.0, anterior_fraction=0.2,
+               angles_deg=(6.0, -4.0, 8.0), shift_mm=(20.0, -15.0, 25.0), thickness_mm=5.0),
+    UnseenPair("unseen_lung2_5mm_setup_flipped", storage_of="unseen_lung2_5mm_setup", order=(0, 1, 2),
+               flips=(True, True, False)),
+    UnseenPair("unseen_lung2_35mm_setup", seed=13, amplitude_mm=35.0, anterior_fraction=0.4,
+               angles_deg=(-10.0, 3.0, -5.0), shift_mm=(-10.0, 30.0, -20.0)),
+    UnseenPair("unseen_elastix_30mm_setup", source="elastix", seed=14, amplitude_mm=30.0, anterior_fraction=0.3,
+               angles_deg=(4.0, 9.0, -6.0), shift_mm=(30.0, 10.0, -30.0), thickness_mm=3.0),
+    UnseenPair("unseen_elastix_30mm_setup_permuted", storage_of="unseen_elastix_30mm_setup", order=(2, 0, 1),
+               flips=(False, True, True)),
+]
 
 
 @dataclass
@@ -126,6 +171,54 @@ def elastix_ct_pair(cache: Path, folder: Path, amplitude_mm: float = 12.0) -> li
         _write_breathing_pair(out, make_breathing_pair(ct, seed=7, amplitude_mm=amplitude_mm,
                                                        reference=learn2reg_like_grid(ct)), seed=7)
     return [out]
+
+
+def unseen_pairs(cache: Path, elastix_folder: Path) -> list[Path]:
+    """The pairs of :data:`UNSEEN_PLAN` whose source CT is available, generated once into ``cache``."""
+    from LungUDRNetLib import scan_variants
+    from LungUDRNetLib.sample_data import load_sample_ct
+    from LungUDRNetLib.synth import body_centre, learn2reg_like_grid, make_breathing_pair
+
+    def source_ct(name: str) -> sitk.Image | None:
+        if name == "elastix":
+            path = elastix_folder / ELASTIX_CT
+            return read_image(path, "elastix lung CT") if path.is_file() else None
+        try:
+            return load_sample_ct(name)
+        except Exception as error:  # offline before the first download
+            log.warning("unseen group: sample CT %s unavailable (%s); its pairs are left out", name, error)
+            return None
+
+    folders: dict[str, Path] = {}
+    for spec in UNSEEN_PLAN:
+        out = cache / spec.name
+        if spec.storage_of is not None:
+            if spec.storage_of in folders and not (out / "fixed.mha").is_file():
+                base = read_pair(folders[spec.storage_of])
+                write_pair(out, *(scan_variants.restore(image, spec.order, spec.flips)
+                                  for image in (base.fixed, base.moving)),
+                           fixed_points=base.fixed_points, moving_points=base.moving_points)
+            if spec.storage_of in folders:
+                folders[spec.name] = out
+            continue
+        if not (out / "fixed.mha").is_file():
+            ct = source_ct(spec.source)
+            if ct is None:
+                continue
+            pair = make_breathing_pair(ct, seed=spec.seed, amplitude_mm=spec.amplitude_mm,
+                                       anterior_fraction=spec.anterior_fraction,
+                                       reference=None if spec.native_grid else learn2reg_like_grid(ct))
+            setup = scan_variants.rigid_transform(spec.angles_deg, spec.shift_mm, body_centre(pair.moving))
+            pair = scan_variants.with_setup_difference(pair, setup)
+            fixed, moving = (scan_variants.thick_slices(image, spec.thickness_mm) for image in (pair.fixed, pair.moving))
+            write_pair(out, fixed, moving, fixed_points=pair.fixed_points, moving_points=pair.moving_points)
+        folders[spec.name] = out
+    return list(folders.values())
+
+
+def storage_variants() -> dict[str, str]:
+    """{pair stored otherwise: the pair it stores} of the unseen group."""
+    return {spec.name: spec.storage_of for spec in UNSEEN_PLAN if spec.storage_of}
 
 
 def _voxel_points(path: Path, image: sitk.Image) -> np.ndarray:

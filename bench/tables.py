@@ -1,4 +1,9 @@
-"""Bench outputs: per-pair rows (results.csv), a per-method summary (results.md) and the TRE-vs-time figure."""
+"""Bench outputs: per-pair rows (results.csv), a per-group and per-method summary (results.md) and the
+TRE-vs-time figure.
+
+Pairs fall into groups by name: ``unseen_*`` pairs (see :mod:`.data`) form the
+"unseen" group, reported apart from the "standard" one and never averaged with it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-COLUMNS = ["method", "pair", "tre_mean_mm", "tre_std_mm", "tre_p90_mm", "dice_percent", "one_minus_mse_percent",
+from .data import UNSEEN_PREFIX
+
+COLUMNS = ["group", "method", "pair", "tre_before_mm", "tre_mean_mm", "tre_std_mm", "tre_p90_mm", "dice_percent", "one_minus_mse_percent",
            "ncc_percent", "sdlogj", "folding_percent", "median_s", "timed_runs", "method_median_s", "peak_rss_mb", "error"]
 SUMMARY = [("TRE mean (mm)", "tre_mean_mm"), ("TRE std", "tre_std_mm"), ("TRE p90", "tre_p90_mm"),
            ("lung Dice %", "dice_percent"), ("1-MSE %", "one_minus_mse_percent"), ("NCC %", "ncc_percent"),
@@ -20,13 +27,20 @@ SUMMARY = [("TRE mean (mm)", "tre_mean_mm"), ("TRE std", "tre_std_mm"), ("TRE p9
            ("peak RSS (MB)", "peak_rss_mb")]
 
 
+def group_of(pair: str) -> str:
+    """The bench group of a pair name: "unseen" or "standard"."""
+    return "unseen" if pair.startswith(UNSEEN_PREFIX) else "standard"
+
+
 def row(method: str, pair: str, report: dict | None, run) -> dict:
     """One results.csv row from a :class:`.runner.RunResult` and its evaluation report
     (:func:`.evaluate.evaluate`; None when the run or the evaluation failed)."""
     after = (report or {}).get("after", {})
     tre = after.get("tre_mm", {})
+    before = (report or {}).get("before", {}).get("tre_mm", {})
     jacobian = (report or {}).get("jacobian", {})
-    return {"method": method, "pair": pair, "tre_mean_mm": tre.get("mean"), "tre_std_mm": tre.get("std"),
+    return {"group": group_of(pair), "method": method, "pair": pair, "tre_before_mm": before.get("mean"),
+            "tre_mean_mm": tre.get("mean"), "tre_std_mm": tre.get("std"),
             "tre_p90_mm": tre.get("p90"), "dice_percent": after.get("dice_percent"),
             "one_minus_mse_percent": after.get("one_minus_mse_percent"), "ncc_percent": after.get("ncc_percent"),
             "sdlogj": jacobian.get("sdlogj"), "folding_percent": jacobian.get("folding_percent"),
@@ -40,14 +54,14 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per method: means over its successful pairs (peak memory: the maximum) and its errors."""
+    """Per group and method: means over its successful pairs (peak memory: the maximum) and its errors."""
     summary = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
+    for group, method in dict.fromkeys((r["group"], r["method"]) for r in rows):
+        mine = [r for r in rows if r["method"] == method and r["group"] == group]
         ok = [r for r in mine if not r["error"]]
         entry = {key: _mean(ok, key) for _, key in SUMMARY}
         entry["peak_rss_mb"] = max((r["peak_rss_mb"] for r in ok), default=float("nan"))
-        entry.update(method=method, pairs=len(ok),
+        entry.update(group=group, method=method, pairs=len(ok),
                      errors="; ".join(sorted({f"{r['pair']}: {r['error']}" for r in mine if r["error"]})))
         summary.append(entry)
     return summary
@@ -79,15 +93,18 @@ def _cell(value: float) -> str:
 
 
 def markdown(summary: list[dict], machine: dict, notes: list[str]) -> str:
-    """The results table with the machine description and notes, as Markdown."""
+    """One results table per group with the machine description and notes, as Markdown."""
     header = "| method | pairs | " + " | ".join(title for title, _ in SUMMARY) + " |"
-    lines = [header, "|" + "---|" * (len(SUMMARY) + 2)]
-    for entry in summary:
-        cells = [entry["method"], str(entry["pairs"])] + [_cell(entry[key]) for _, key in SUMMARY]
-        lines.append("| " + " | ".join(cells) + " |")
-    errors = [f"- {e['method']}: {e['errors']}" for e in summary if e["errors"]]
+    tables = []
+    for group in dict.fromkeys(entry["group"] for entry in summary):
+        lines = [f"## {group} pairs", "", header, "|" + "---|" * (len(SUMMARY) + 2)]
+        for entry in (e for e in summary if e["group"] == group):
+            cells = [entry["method"], str(entry["pairs"])] + [_cell(entry[key]) for _, key in SUMMARY]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables += [*lines, ""]
+    errors = [f"- {e['group']} / {e['method']}: {e['errors']}" for e in summary if e["errors"]]
     described = ", ".join(f"{k} {v}" for k, v in machine.items())
-    return "\n".join(["# LungUDRNet benchmark", "", f"Machine: {described}.", "", *lines, "",
+    return "\n".join(["# LungUDRNet benchmark", "", f"Machine: {described}.", "", *tables,
                       *([f"Notes:"] + [f"- {n}" for n in notes] if notes else []),
                       *(["", "Errors:", *errors] if errors else []), ""])
 
@@ -99,11 +116,13 @@ def plot_tre_vs_time(summary: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"standard": "o", "unseen": "^"}
     for entry in summary:
         if math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["median_s"]):
             continue
-        axes.scatter(entry["median_s"], entry["tre_mean_mm"])
-        axes.annotate(entry["method"], (entry["median_s"], entry["tre_mean_mm"]), textcoords="offset points",
+        axes.scatter(entry["median_s"], entry["tre_mean_mm"], marker=markers.get(entry["group"], "s"))
+        label = entry["method"] + ("" if entry["group"] == "standard" else f" ({entry['group']})")
+        axes.annotate(label, (entry["median_s"], entry["tre_mean_mm"]), textcoords="offset points",
                       xytext=(4, 4), fontsize=8)
     axes.set_xscale("log")
     axes.set_xlabel("median wall time per pair (s, read to write)")

@@ -94,9 +94,13 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, Preproces
         raise ModelError(f"model {path}: holds the voxelmorph package's network (a benchmark baseline), not "
                          "UDRNet; use it with `lungudrnet bench --voxelmorph-weights`")
     try:
+        preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
+    except (TypeError, KeyError, ValueError) as error:
+        raise ModelError(f"model {path}: its preprocessing settings are not valid ({error}); the file was edited: "
+                         "use a checkpoint as `lungudrnet train` saved it") from None
+    try:
         model = UDRNet(UDRNetConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["state_dict"])
-        preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
     except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]

@@ -172,6 +172,15 @@ def affine_points(transform: sitk.AffineTransform, points_lps: np.ndarray) -> np
     return (points_lps - centre) @ matrix.T + centre + translation
 
 
+def invert_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """The inverse of an affine (or rigid) map T(p) = A (p - c) + c + t, as an AffineTransform about the
+    same centre: T^-1(q) = A^-1 (q - c) + c - A^-1 t."""
+    inverse_matrix = np.linalg.inv(np.asarray(transform.GetMatrix()).reshape(3, 3))
+    return sitk.AffineTransform(tuple(inverse_matrix.ravel()),
+                                tuple(-inverse_matrix @ np.asarray(transform.GetTranslation())),
+                                tuple(transform.GetCenter()))
+
+
 def transform_to_field(transform: sitk.Transform, reference: sitk.Image,
                        pixel_type: int = sitk.sitkVectorFloat32) -> sitk.Image:
     """The pull field ``u(p) = T(p) - p`` (LPS mm) of ``transform`` on ``reference``'s grid."""

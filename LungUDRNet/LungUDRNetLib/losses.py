@@ -69,6 +69,14 @@ def folding_penalty(flow: torch.Tensor) -> torch.Tensor:
     return torch.relu(-jacobian_determinant(flow)).mean()
 
 
+def supervised_flow_error(flow: torch.Tensor, true_flow: torch.Tensor, has_truth: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference (voxels^2) of predicted and known flows [B, 3, D, H, W], over the
+    pairs whose ``has_truth`` [B] is set (0 when none is)."""
+    weights = has_truth.to(flow.dtype).view(-1, 1, 1, 1, 1)
+    per_voxel = (flow - true_flow).pow(2) * weights
+    return per_voxel.sum() / (weights.sum() * flow[0].numel()).clamp(min=1.0)
+
+
 SIMILARITY_LOSSES = {"mse": mse, "ncc": global_ncc, "lncc": local_ncc}
 
 

@@ -14,6 +14,10 @@ Grid modes:
   fixed image's (or its lung box's) LPS extent with the given shape (spacing
   scaled to fit): any input size, spacing or direction works, and the same
   scan stored with other axis orders or flips gives the same network input.
+* ``"canonical"`` — a patient-aligned grid of the given shape at a fixed
+  isotropic spacing (``grid_spacing_mm``, stored with the model), centred on
+  the fixed lung box (or the fixed image): the anatomy is cropped or padded,
+  never stretched, so it has the same size in voxels on every scan.
 * ``"crop"`` — the grid keeps the fixed image's spacing and takes the centred
   block of the given shape: an exact crop (or pad), as the paper crops
   192x192x208 Learn2Reg volumes to 192^3.
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CT_AIR_RANGE_HU = (-3100.0, -500.0)  # where a CT's minimum lies (air, padding)
 CT_MAX_HU = 40000.0  # far above dense metal
+GRID_MODES = ("fit", "canonical", "crop")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,17 @@ class PreprocessConfig:
     window_level: float = -600.0
     window_width: float = 1500.0
     roi_margin_mm: float = 10.0
+    grid_spacing_mm: float = 0.0  # isotropic voxel size of grid mode "canonical"
+
+    def __post_init__(self) -> None:
+        if self.grid_mode not in GRID_MODES:
+            raise ValueError(f"unknown grid mode {self.grid_mode!r} (use {', '.join(GRID_MODES)})")
+        if self.grid_mode == "canonical" and not self.grid_spacing_mm > 0:
+            raise ValueError(f"grid mode 'canonical' needs grid_spacing_mm > 0 (got {self.grid_spacing_mm})")
+        if not self.window_width > 0:
+            raise ValueError(f"window_width must be > 0 HU (got {self.window_width})")
+        if len(self.grid_shape) != 3 or min(self.grid_shape) < 1:
+            raise ValueError(f"grid_shape must be three positive sizes (got {self.grid_shape})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,36 +161,45 @@ def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> 
     return start, stop - start
 
 
+def _lps_box(fixed: sitk.Image, roi_mask: sitk.Image | None, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest LPS corner (mm) of the fixed image's voxels, or of ``roi_mask``'s box plus
+    ``margin_mm``, as voxel edges (not centres)."""
+    start, size = np.zeros(3, dtype=int), np.asarray(fixed.GetSize())
+    if roi_mask is not None:
+        start, size = _bounding_box(roi_mask, fixed, margin_mm)
+    edges = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * size + start - 0.5
+    corners = index_to_points(edges.astype(float), fixed)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
 def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Image | None = None) -> sitk.Image:
     """An empty float32 image whose geometry is the network grid for ``fixed``.
 
-    ``"fit"``: patient-aligned (identity direction in LPS), spanning the LPS
-    bounding box of the fixed image, or of ``roi_mask``'s box (e.g. the fixed
-    lung mask) plus ``config.roi_margin_mm``: the network sees the anatomy the
-    same way however the file stores its axes (order, flips, obliquity).
+    ``"fit"`` and ``"canonical"`` are patient-aligned (identity direction in
+    LPS) around the LPS box of the fixed image, or of ``roi_mask``'s box (e.g.
+    the fixed lung mask) plus ``config.roi_margin_mm``: the network sees the
+    anatomy the same way however the file stores its axes (order, flips,
+    obliquity). ``"fit"`` spans the box (spacing scaled to fit);
+    ``"canonical"`` is centred on it at ``grid_spacing_mm``.
     ``"crop"``: the fixed image's own axes and spacing, the centred block.
     """
     shape_xyz = np.asarray(config.grid_shape[::-1])
-    spacing = np.asarray(fixed.GetSpacing())
     grid = sitk.Image([int(v) for v in shape_xyz], sitk.sitkFloat32)
-    if config.grid_mode == "fit":
-        start, size = np.zeros(3, dtype=int), np.asarray(fixed.GetSize())
-        if roi_mask is not None:
-            start, size = _bounding_box(roi_mask, fixed, config.roi_margin_mm)
-        edges = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * size + start - 0.5
-        corners = index_to_points(edges.astype(float), fixed)
-        low, high = corners.min(axis=0), corners.max(axis=0)
-        new_spacing = (high - low) / shape_xyz
+    if config.grid_mode in ("fit", "canonical"):
+        low, high = _lps_box(fixed, roi_mask, config.roi_margin_mm)
+        if config.grid_mode == "fit":
+            new_spacing = (high - low) / shape_xyz
+        else:
+            new_spacing = np.full(3, float(config.grid_spacing_mm))
         grid.SetSpacing(tuple(float(v) for v in new_spacing))
-        grid.SetOrigin(tuple(float(v) for v in low + new_spacing / 2))
-    elif config.grid_mode == "crop":
+        grid.SetOrigin(tuple(float(v) for v in (low + high) / 2 - (shape_xyz - 1) * new_spacing / 2))
+    else:
+        spacing = np.asarray(fixed.GetSpacing())
         first_center = (np.asarray(fixed.GetSize()) - shape_xyz) // 2
         grid.SetSpacing(tuple(float(v) for v in spacing))
         grid.SetOrigin(tuple(float(v) for v in np.asarray(fixed.GetOrigin())
                              + direction_matrix(fixed) @ (spacing * first_center)))
         grid.SetDirection(fixed.GetDirection())
-    else:
-        raise ValueError(f"unknown grid mode {config.grid_mode!r} (use 'fit' or 'crop')")
     return grid
 
 

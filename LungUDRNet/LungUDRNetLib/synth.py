@@ -14,7 +14,10 @@ posterior, z superior):
   The diaphragm and the organs under it follow the lung base, fading out
   within a few centimetres below it.
 * anterior-posterior and left-right: the exhale chest is smaller, so ``u``
-  points away from the lungs' centre, up to about ``0.3 * amplitude_mm``.
+  points away from the lungs' centre, up to about ``expansion_fraction *
+  amplitude_mm`` (default 0.3); optionally the front of the chest rises at
+  inhale: ``u_y`` down to ``-anterior_fraction * amplitude_mm`` at the
+  anterior lung edge, zero at the posterior one.
 * a smooth random perturbation (seeded) of up to ``0.2 * amplitude_mm``.
 
 All three act fully inside the lungs and at 20 % in the rest of the body
@@ -79,7 +82,8 @@ class BreathingPair:
 
 def make_breathing_pair(ct: sitk.Image, seed: int = 0, amplitude_mm: float = 12.0, n_landmarks: int = 100,
                         noise_hu: float = 20.0, reference: sitk.Image | None = None,
-                        density_change: bool = True) -> BreathingPair:
+                        density_change: bool = True, expansion_fraction: float = EXPANSION_FRACTION,
+                        anterior_fraction: float = 0.0) -> BreathingPair:
     """Turn one CT (HU, taken as inhale) into an exhale/inhale pair with a known displacement.
 
     ``reference``: optional grid to resample the CT onto first (e.g. :func:`learn2reg_like_grid`);
@@ -99,7 +103,8 @@ def make_breathing_pair(ct: sitk.Image, seed: int = 0, amplitude_mm: float = 12.
     moving = sitk.Cast(ct if reference is None else resample_like(ct, reference), sitk.sitkFloat32)
     moving_mask = lung_mask(moving, "make_breathing_pair CT")
     body = body_mask(moving)
-    coarse_field, coarse_jacobian = _motion_model(body, moving_mask, amplitude_mm, rng)
+    coarse_field, coarse_jacobian = _motion_model(body, moving_mask, amplitude_mm, rng, expansion_fraction,
+                                                  anterior_fraction)
     displacement = sitk.Cast(_resample(coarse_field, moving, sitk.sitkLinear), sitk.sitkVectorFloat32)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
     fixed = _resample(moving, moving, sitk.sitkLinear, transform)
@@ -195,8 +200,8 @@ def _coarse_fraction(mask: sitk.Image, grid: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(_resample(sitk.Cast(mask, sitk.sitkFloat32), grid, sitk.sitkLinear))
 
 
-def _motion_model(body: sitk.Image, lungs: sitk.Image, amplitude_mm: float,
-                  rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image]:
+def _motion_model(body: sitk.Image, lungs: sitk.Image, amplitude_mm: float, rng: np.random.Generator,
+                  expansion_fraction: float, anterior_fraction: float) -> tuple[sitk.Image, sitk.Image]:
     """The breathing field on a coarse axis-aligned grid covering the masks' grid (VectorFloat64,
     LPS mm) and its det(I + grad u).
 
@@ -223,7 +228,9 @@ def _motion_model(body: sitk.Image, lungs: sitk.Image, amplitude_mm: float,
     si_profile = np.where(z >= low[2], APEX_FRACTION + (1.0 - APEX_FRACTION) * height,
                           np.exp(-((low[2] - z) / BELOW_BASE_MM) ** 2))
     centre, half_width = (low + high) / 2.0, np.maximum((high - low) / 2.0, 1.0)
-    expansion = [EXPANSION_FRACTION * (c - centre[a]) / half_width[a] * inner for a, c in enumerate((x, y))]
+    expansion = [expansion_fraction * (c - centre[a]) / half_width[a] * inner for a, c in enumerate((x, y))]
+    anterior = np.clip((high[1] - y) / (2.0 * half_width[1]), 0.0, 1.0)  # 0 posterior lung edge, 1 anterior
+    expansion[1] = expansion[1] - anterior_fraction * anterior * inner
     regular = amplitude_mm * np.stack([*expansion, -si_profile * inner_si], axis=-1)
     random = amplitude_mm * PERTURBATION_FRACTION * _smooth_noise(grid, rng) * inner[..., None]
 

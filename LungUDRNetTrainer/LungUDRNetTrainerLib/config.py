@@ -21,7 +21,7 @@ from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNetConfig
 from LungUDRNetLib.model import UDRNetConfig
-from LungUDRNetLib.preprocess import PreprocessConfig
+from LungUDRNetLib.preprocess import GRID_MODES, PreprocessConfig
 
 _MODEL = UDRNetConfig()
 _PREPROCESS = PreprocessConfig()
@@ -49,11 +49,14 @@ class TrainConfig:
     # preprocessing: windowing, min-max and the 192x192x208 -> 192^3 crop
     grid_shape: tuple[int, int, int] = _option((192, 192, 192), "network grid (D, H, W) = (z, y, x) voxels")
     grid_mode: str = _option("crop", "crop: centred block at the image spacing; fit: whole image (or "
-                                     "lung box) resampled", ("crop", "fit"))
+                                     "lung box) resampled onto the grid; canonical: patient-aligned grid at "
+                                     "grid_spacing_mm centred on the lung box", GRID_MODES)
+    grid_spacing_mm: float = _option(_PREPROCESS.grid_spacing_mm, "isotropic voxel size of grid_mode "
+                                                                  "canonical (mm)")
     window_level: float = _option(_PREPROCESS.window_level, "CT window level (HU)")
     window_width: float = _option(_PREPROCESS.window_width, "CT window width (HU)")
     roi_margin_mm: float = _option(_PREPROCESS.roi_margin_mm, "margin around the fixed lung mask for "
-                                                              "grid_mode fit (mm)")
+                                                              "grid_mode fit and canonical (mm)")
     # model
     model: str = _option("udrnet", "udrnet (with scHAF), voxelmorph (the ablation baseline: UDRNet without "
                                    "scHAF) or voxelmorph-package (the voxelmorph package's VxmPairwise with "
@@ -69,7 +72,12 @@ class TrainConfig:
     similarity: str = _option("lncc", "image similarity loss", ("lncc", "ncc", "mse"))
     smoothness_weight: float = _option(1.0, "weight of the diffusion (gradient) regulariser")
     folding_weight: float = _option(0.0, "weight of the negative-Jacobian penalty")
+    supervised_weight: float = _option(0.0, "weight of the mean squared error (network-grid voxels^2) between "
+                                            "the predicted flow and a pair's known displacement (pairs CSV "
+                                            "column true_displacement); 0 = unsupervised, as in the paper")
     # optimisation
+    init_weights: str | None = _option(None, "checkpoint whose weights start the run (fine-tuning); same "
+                                             "architecture; its optimizer state is not used")
     learning_rate: float = _option(1e-5, "Adam learning rate")
     epochs: int = _option(150, "maximum number of epochs")
     batch_size: int = _option(16, "pairs per optimizer step, over all processes")
@@ -96,7 +104,7 @@ class TrainConfig:
         """How images reach the network (stored in the checkpoint, reused by ``register``)."""
         return PreprocessConfig(grid_shape=self.grid_shape, grid_mode=self.grid_mode,
                                 window_level=self.window_level, window_width=self.window_width,
-                                roi_margin_mm=self.roi_margin_mm)
+                                roi_margin_mm=self.roi_margin_mm, grid_spacing_mm=self.grid_spacing_mm)
 
     def to_dict(self) -> dict:
         """Plain YAML/JSON types (tuples as lists)."""
@@ -202,7 +210,7 @@ def resolve_config(preset: str | None = None, config_file: str | os.PathLike | N
               **normalise_overrides(file_values, f"config {config_file}"),
               **normalise_overrides(overrides or {}, "command line")}
     config = dataclasses.replace(base or TrainConfig(), **values)
-    for key in ("data", "pairs"):  # absolute, so that --resume works from any folder
+    for key in ("data", "pairs", "init_weights"):  # absolute, so that --resume works from any folder
         if getattr(config, key):
             config = dataclasses.replace(config, **{key: os.path.abspath(getattr(config, key))})
     return validated(config)
@@ -212,6 +220,7 @@ def validated(config: TrainConfig) -> TrainConfig:
     """``config`` if its values fit together, else InputError naming the problem."""
     try:
         config.model_config()
+        config.preprocess_config()
     except ValueError as error:
         raise InputError(f"config: {error}") from None
     smallest = 2 ** len(config.encoder_channels)
@@ -221,7 +230,7 @@ def validated(config: TrainConfig) -> TrainConfig:
     for name in ("epochs", "batch_size", "learning_rate"):
         if getattr(config, name) <= 0:
             raise InputError(f"config {name}: must be positive, not {getattr(config, name)}")
-    for name in ("micro_batch_size", "patience", "num_workers", "augment_pairs"):
+    for name in ("micro_batch_size", "patience", "num_workers", "augment_pairs", "supervised_weight"):
         if getattr(config, name) < 0:
             raise InputError(f"config {name}: must not be negative, not {getattr(config, name)}")
     return config

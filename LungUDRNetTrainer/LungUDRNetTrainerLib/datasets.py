@@ -13,9 +13,11 @@ Pairs follow the challenge's convention: ``fixed`` = ``_0000`` (inspiration),
 ``moving`` = ``_0001`` (expiration) of the same case, unless the JSON lists
 the pairs itself. Without any JSON the ``imagesTr`` folder is paired by name.
 
-Pairs CSV: a header ``fixed,moving[,fixed_mask,moving_mask,fixed_points,moving_points][,split][,name]``
-(or the first two to six columns without a header); paths relative to the
-CSV's folder; ``split`` is ``train``, ``val`` or ``test`` (default ``train``).
+Pairs CSV: a header ``fixed,moving[,fixed_mask,moving_mask,fixed_points,moving_points][,split][,name]
+[,true_displacement]`` (or the first two to six columns without a header); paths relative to the
+CSV's folder; ``split`` is ``train``, ``val`` or ``test`` (default ``train``);
+``true_displacement`` is a known pull field (LPS mm on the fixed grid, as
+``register`` writes) for the trainer's optional supervised term.
 
 Point files are voxel indices x, y, z (x = first image axis) in CSV, as in
 Learn2Reg, or elastix ``point`` files (LPS mm) / ``index`` files (voxels).
@@ -40,6 +42,7 @@ from LungUDRNetLib.io import IMAGE_SUFFIXES, read_points
 
 SPLITS = ("train", "val", "test")
 CSV_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
+EXTRA_CSV_COLUMNS = ("split", "name", "true_displacement")  # by header only
 POINT_KINDS = ("keypoints", "landmarks")
 FIXED_PHASE, MOVING_PHASE = 0, 1
 MAX_LISTED = 5  # missing files named in one error message
@@ -60,6 +63,7 @@ class PairRecord:
     fixed_mask: Path | None = None
     moving_mask: Path | None = None
     points: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    true_displacement: Path | None = None
 
 
 def image_stem(path: Path) -> str:
@@ -188,10 +192,10 @@ def load_pairs_csv(path: str | Path, val_fraction: float = 0.2) -> dict[str, lis
         header, rows = [cell.strip().lower() for cell in rows[0]], rows[1:]
     else:
         header = list(CSV_COLUMNS)
-    unknown = set(header) - {*CSV_COLUMNS, "split", "name"}
+    unknown = set(header) - {*CSV_COLUMNS, *EXTRA_CSV_COLUMNS}
     if unknown:
         raise InputError(f"pairs file {path}: unknown columns {sorted(unknown)} (known: {', '.join(CSV_COLUMNS)}, "
-                         "split, name)")
+                         f"{', '.join(EXTRA_CSV_COLUMNS)})")
     splits: dict[str, list[PairRecord]] = {split: [] for split in SPLITS}
     for number, row in enumerate(rows, start=1):
         cells = {key: value.strip() for key, value in zip(header, row) if value.strip()}
@@ -200,14 +204,15 @@ def load_pairs_csv(path: str | Path, val_fraction: float = 0.2) -> dict[str, lis
         split = cells.get("split", "train").lower()
         if split not in SPLITS:
             raise InputError(f"pairs file {path}: row {number} has split {split!r} (use train, val or test)")
-        file = {key: _resolve(path.parent, cells[key]) if key in cells else None for key in CSV_COLUMNS}
+        file = {key: _resolve(path.parent, cells[key]) if key in cells else None
+                for key in (*CSV_COLUMNS, "true_displacement")}
         points = {}
         if file["fixed_points"] and file["moving_points"]:
             points["points"] = (file["fixed_points"], file["moving_points"])
         splits[split].append(PairRecord(
             name=cells.get("name", pair_name(file["fixed"], file["moving"])),
             fixed=file["fixed"], moving=file["moving"], fixed_mask=file["fixed_mask"],
-            moving_mask=file["moving_mask"], points=points))
+            moving_mask=file["moving_mask"], points=points, true_displacement=file["true_displacement"]))
     return hold_out_validation(splits, val_fraction)
 
 
@@ -249,7 +254,7 @@ def missing_files(pairs: list[PairRecord], split: str) -> list[str]:
     missing = []
     for pair in pairs:
         files = {"fixed image": pair.fixed, "moving image": pair.moving, "fixed mask": pair.fixed_mask,
-                 "moving mask": pair.moving_mask}
+                 "moving mask": pair.moving_mask, "true displacement": pair.true_displacement}
         files.update({f"{kind} ({side})": p for kind, both in pair.points.items()
                       for side, p in zip(("fixed", "moving"), both)})
         missing += [f"{split} pair {pair.name}: {what} {file} not found"

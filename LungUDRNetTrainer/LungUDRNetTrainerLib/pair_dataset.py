@@ -5,6 +5,10 @@ does at inference (the paper's windowing, min-max and crop/fit onto the
 network grid, the fixed lung mask as region of interest), so the network
 trains on what it will see.
 
+With ``truth``, items also carry the pair's known displacement as a voxel flow
+on the network grid (``true_flow``, zeros and ``has_truth`` False when the
+pair has none) for the trainer's supervised term.
+
 Augmentation (``extra_pairs`` > 0): each real pair also yields ``extra_pairs``
 synthetic ones whose moving image is the fixed image warped by a random smooth
 field; the field depends only on (seed, epoch, index), so a run is
@@ -19,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from LungUDRNetLib.io import read_image
+from LungUDRNetLib.geometry import field_to_voxel_flow, resample_field
+from LungUDRNetLib.io import read_displacement_field, read_image
 from LungUDRNetLib.preprocess import PreprocessConfig, prepare_pair, to_grid
 from LungUDRNetLib.warp import warp
 
@@ -38,13 +43,15 @@ def random_smooth_flow(shape: tuple[int, int, int], amplitude: float, rng: np.ra
 
 class PairDataset(Dataset):
     """Items: ``fixed``, ``moving`` [1, D, H, W] in [0, 1]; with ``masks``, also ``fixed_mask``,
-    ``moving_mask`` (0/1, zeros when absent) and ``has_masks``."""
+    ``moving_mask`` (0/1, zeros when absent) and ``has_masks``; with ``truth``, ``true_flow``
+    [3, D, H, W] (network-grid voxels) and ``has_truth``."""
 
     def __init__(self, pairs: list[PairRecord], preprocess: PreprocessConfig, masks: bool = False,
-                 extra_pairs: int = 0, amplitude: float = 4.0, seed: int = 0) -> None:
+                 extra_pairs: int = 0, amplitude: float = 4.0, seed: int = 0, truth: bool = False) -> None:
         self.pairs = pairs
         self.preprocess = preprocess
         self.masks = masks
+        self.truth = truth
         self.extra_pairs = extra_pairs
         self.amplitude = amplitude
         self.seed = seed
@@ -64,6 +71,8 @@ class PairDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             flow = random_smooth_flow(tuple(item["fixed"].shape[1:]), self.amplitude, rng)
             item["moving"] = warp(item["fixed"][None], flow)[0]
+            if self.truth:
+                item["true_flow"], item["has_truth"] = flow[0], torch.tensor(True)
             if self.masks:
                 item["moving_mask"] = warp(item["fixed_mask"][None], flow, mode="nearest")[0]
         return item
@@ -80,7 +89,17 @@ class PairDataset(Dataset):
             item["fixed_mask"] = _mask_on_grid(fixed_mask if has_masks else None, grid)
             moving_mask = read_image(pair.moving_mask, f"pair {pair.name}: moving mask") if has_masks else None
             item["moving_mask"] = _mask_on_grid(moving_mask, grid)
+        if self.truth:
+            item["has_truth"] = torch.tensor(pair.true_displacement is not None)
+            item["true_flow"] = _flow_on_grid(pair.true_displacement, grid)
         return item
+
+
+def _flow_on_grid(path, grid: sitk.Image) -> torch.Tensor:
+    """A pull field file (LPS mm) resampled onto ``grid`` as voxel flow [3, D, H, W]; zeros without one."""
+    if path is None:
+        return torch.zeros((3, *grid.GetSize()[::-1]))
+    return torch.from_numpy(field_to_voxel_flow(resample_field(read_displacement_field(path), grid)))
 
 
 def _mask_on_grid(mask: sitk.Image | None, grid: sitk.Image) -> torch.Tensor:

@@ -4,17 +4,25 @@ Each pair comes from :func:`LungUDRNetLib.synth.make_breathing_pair` (a known
 displacement field, lung masks and landmarks) with its own seed and motion
 amplitude. The output is a pairs CSV that ``lungudrnet train --pairs`` reads:
 images and masks as NIfTI, landmarks as elastix ``point`` files (LPS mm),
-the ground-truth field as ``displacement.nii.gz`` for reference.
+the ground-truth field as ``*_true_displacement.nii.gz`` (the CSV's
+``true_displacement`` column, for the trainer's optional supervised term).
+
+``--wide`` draws each pair's scans from the wider range users bring
+(:data:`WIDE`): breathing of 5-35 mm with front-back and left-right parts, a
+residual set-up difference (what is left after the affine stage), slice
+thickness, HU calibration and noise per scan.
 
     python -m LungUDRNetTrainerLib.synthetic_dataset --out DIR \
-        --train lung1:24 --val lung2:4 [--spacing 2.5] [--amplitude 6 20] [--seed 0]
+        --train lung1:24 --val lung2:4 [--spacing 2.5] [--amplitude 6 20] [--wide] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +30,46 @@ from tqdm import tqdm
 
 from LungUDRNetLib.io import atomic_path, write_displacement_field, write_image
 from LungUDRNetLib.sample_data import load_sample_ct
-from LungUDRNetLib.synth import LEARN2REG_SIZE, LEARN2REG_SPACING, make_breathing_pair, resample_to_grid
+from LungUDRNetLib.scan_variants import random_rigid, with_acquisition, with_setup_difference
+from LungUDRNetLib.synth import (EXPANSION_FRACTION, LEARN2REG_SIZE, LEARN2REG_SPACING, BreathingPair,
+                                 body_centre, make_breathing_pair, resample_to_grid)
 
-COLUMNS = ("name", "split", "fixed", "moving", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
+COLUMNS = ("name", "split", "fixed", "moving", "fixed_mask", "moving_mask", "fixed_points", "moving_points",
+           "true_displacement")
+
+
+@dataclass(frozen=True)
+class Variation:
+    """Ranges (min, max) each pair's settings are drawn from uniformly; the defaults vary only the
+    amplitude (the bundled weights before canonical space)."""
+
+    amplitude_mm: tuple[float, float] = (6.0, 20.0)
+    expansion_fraction: tuple[float, float] = (EXPANSION_FRACTION, EXPANSION_FRACTION)
+    anterior_fraction: tuple[float, float] = (0.0, 0.0)
+    noise_hu: tuple[float, float] = (20.0, 20.0)
+    setup_angle_deg: float = 0.0  # +- about each LPS axis
+    setup_shift_mm: float = 0.0  # +- along each LPS axis
+    thickness_mm: tuple[float, float] = (0.0, 0.0)  # per scan; below the CT spacing: unchanged
+    gain: tuple[float, float] = (1.0, 1.0)  # per scan, of HU + 1000
+    offset_hu: tuple[float, float] = (0.0, 0.0)  # per scan
+
+
+WIDE = Variation(amplitude_mm=(5.0, 35.0), expansion_fraction=(0.15, 0.5), anterior_fraction=(0.0, 0.4),
+                 noise_hu=(5.0, 30.0), setup_angle_deg=2.0, setup_shift_mm=3.0, thickness_mm=(1.0, 5.0),
+                 gain=(0.95, 1.05), offset_hu=(-20.0, 20.0))
+
+
+def make_varied_pair(ct, variation: Variation, rng: np.random.Generator) -> tuple[BreathingPair, str]:
+    """One pair drawn from ``variation`` and a short description of its settings."""
+    seed, amplitude = int(rng.integers(2 ** 31)), float(rng.uniform(*variation.amplitude_mm))
+    pair = make_breathing_pair(ct, seed=seed, amplitude_mm=amplitude, noise_hu=float(rng.uniform(*variation.noise_hu)),
+                               expansion_fraction=float(rng.uniform(*variation.expansion_fraction)),
+                               anterior_fraction=float(rng.uniform(*variation.anterior_fraction)))
+    if variation.setup_angle_deg or variation.setup_shift_mm:
+        setup = random_rigid(rng, variation.setup_angle_deg, variation.setup_shift_mm, body_centre(ct))
+        pair = with_setup_difference(pair, setup)
+    pair = with_acquisition(pair, rng, variation.thickness_mm, variation.gain, variation.offset_hu)
+    return pair, f"seed {seed}, {amplitude:.1f} mm"
 
 
 def write_points(points_lps: np.ndarray, path: Path) -> None:
@@ -35,11 +80,11 @@ def write_points(points_lps: np.ndarray, path: Path) -> None:
 
 
 def write_synthetic_dataset(out: Path, plan: dict[str, list[tuple[str, int]]], spacing_mm: float = 2.5,
-                            amplitude_mm: tuple[float, float] = (6.0, 20.0), seed: int = 0) -> Path:
+                            variation: Variation = Variation(), seed: int = 0) -> Path:
     """Generate the pairs of ``plan`` ({split: [(sample CT name, number of pairs)]}) into ``out``.
 
     The CTs are resampled to the Learn2Reg field of view (336 x 240 x 364 mm) at
-    ``spacing_mm`` isotropic. Amplitudes are drawn uniformly from ``amplitude_mm``.
+    ``spacing_mm`` isotropic. Each pair's settings are drawn from ``variation``.
     Returns the path of ``pairs.csv``.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -52,18 +97,17 @@ def write_synthetic_dataset(out: Path, plan: dict[str, list[tuple[str, int]]], s
     for split, name, index in tqdm(jobs, desc="synthetic pairs", unit="pair"):
         if name not in cts:
             cts[name] = resample_to_grid(load_sample_ct(name), size, (spacing_mm,) * 3)
-        pair_seed, amplitude = int(rng.integers(2 ** 31)), float(rng.uniform(*amplitude_mm))
-        pair = make_breathing_pair(cts[name], seed=pair_seed, amplitude_mm=amplitude)
+        pair, description = make_varied_pair(cts[name], variation, rng)
         stem = f"{split}_{name}_{index:03d}"
-        files = {"fixed": f"{stem}_fixed.nii.gz", "moving": f"{stem}_moving.nii.gz",
-                 "fixed_mask": f"{stem}_fixed_mask.nii.gz", "moving_mask": f"{stem}_moving_mask.nii.gz",
-                 "fixed_points": f"{stem}_fixed_points.txt", "moving_points": f"{stem}_moving_points.txt"}
+        files = {key: f"{stem}_{key}.nii.gz" for key in ("fixed", "moving", "fixed_mask", "moving_mask")}
+        files.update(fixed_points=f"{stem}_fixed_points.txt", moving_points=f"{stem}_moving_points.txt",
+                     true_displacement=f"{stem}_true_displacement.nii.gz")
         for key in ("fixed", "moving", "fixed_mask", "moving_mask"):
             write_image(getattr(pair, key), out / files[key])
         write_points(pair.fixed_points, out / files["fixed_points"])
         write_points(pair.moving_points, out / files["moving_points"])
-        write_displacement_field(pair.displacement, out / f"{stem}_true_displacement.nii.gz")
-        rows.append({"name": f"{stem} (seed {pair_seed}, {amplitude:.1f} mm)", "split": split, **files})
+        write_displacement_field(pair.displacement, out / files["true_displacement"])
+        rows.append({"name": f"{stem} ({description})", "split": split, **files})
     with atomic_path(out / "pairs.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -82,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", nargs="+", type=_plan_entry, default=[("lung1", 24)], help="CT:count ...")
     parser.add_argument("--val", nargs="*", type=_plan_entry, default=[("lung2", 4)], help="CT:count ...")
     parser.add_argument("--spacing", type=float, default=2.5, help="isotropic voxel size (mm)")
-    parser.add_argument("--amplitude", nargs=2, type=float, default=(6.0, 20.0), help="min max amplitude (mm)")
+    parser.add_argument("--amplitude", nargs=2, type=float, default=None,
+                        help="min max breathing amplitude (mm); default 6 20, with --wide 5 35")
+    parser.add_argument("--wide", action="store_true", help="the wide variation of scans (module docstring)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = write_synthetic_dataset(args.out, {"train": args.train, "val": args.val}, args.spacing,
-                                   tuple(args.amplitude), args.seed)
+    variation = WIDE if args.wide else Variation()
+    if args.amplitude:
+        variation = dataclasses.replace(variation, amplitude_mm=tuple(args.amplitude))
+    path = write_synthetic_dataset(args.out, {"train": args.train, "val": args.val}, args.spacing, variation,
+                                   args.seed)
     print(f"wrote {path}")
     return 0
 

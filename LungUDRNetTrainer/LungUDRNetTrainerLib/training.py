@@ -11,7 +11,9 @@ accumulation over micro-batches), then a validation pass. ``RUN_DIR`` gets
 * ``best.pt`` -- the weights with the lowest validation loss so far (what ``register`` loads);
 * ``log.csv`` and ``tensorboard/`` -- per-epoch losses and validation metrics.
 
-Row 0 of the log is the untrained network (near-zero output: the identity).
+Row 0 of the log is the untrained network (near-zero output: the identity), or the
+``init_weights`` a fine-tuning run starts from. With ``supervised_weight`` > 0 the
+validation loss includes the supervised term on validation pairs with a known field.
 Training ends after ``epochs`` or when the validation loss has not improved
 for ``patience`` epochs. A stop request (Ctrl-C, SIGTERM, or a file named
 ``STOP`` created in ``RUN_DIR``) finishes the current optimizer step, writes
@@ -47,7 +49,7 @@ from LungUDRNetLib import metrics
 from LungUDRNetLib.checkpoint import read_checkpoint, save_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError, TrainingError
 from LungUDRNetLib.io import atomic_path
-from LungUDRNetLib.losses import registration_loss
+from LungUDRNetLib.losses import registration_loss, supervised_flow_error
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
 from LungUDRNetLib.progress_events import emit, emit_progress
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
@@ -169,8 +171,9 @@ class Trainer:
                              f"{len(splits['val'])} validation pairs; at least one of each is needed")
         self.preprocess = config.preprocess_config()
         self.train_set = PairDataset(splits["train"], self.preprocess, extra_pairs=config.augment_pairs,
-                                     amplitude=config.augment_amplitude, seed=config.seed)
-        self.val_set = PairDataset(splits["val"], self.preprocess, masks=True)
+                                     amplitude=config.augment_amplitude, seed=config.seed,
+                                     truth=config.supervised_weight > 0)
+        self.val_set = PairDataset(splits["val"], self.preprocess, masks=True, truth=config.supervised_weight > 0)
         self.micro_batch, self.accumulation = batch_plan(config, context.world_size)
         log.info("%d training pairs (+%d synthetic per epoch), %d validation pairs; %d pairs per step = "
                  "%d per pass x %d accumulated x %d processes", len(splits["train"]),
@@ -184,6 +187,8 @@ class Trainer:
         self.progress = Progress()
         if resume:
             self._restore()
+        elif config.init_weights:
+            self._initialise(Path(config.init_weights))
         self.ddp = distributed.wrap(self.net, context)
         self.model = torch.compile(self.ddp) if config.compile else self.ddp
 
@@ -328,6 +333,10 @@ class Trainer:
         warped = warp(moving, flow)
         terms = registration_loss(fixed, warped, flow, self.config.similarity, self.config.smoothness_weight,
                                   self.config.folding_weight)
+        if "true_flow" in batch:
+            terms["supervised"] = supervised_flow_error(flow, batch["true_flow"].to(device),
+                                                        batch["has_truth"].to(device))
+            terms["total"] = terms["total"] + self.config.supervised_weight * terms["supervised"]
         return flow, warped, terms
 
     @torch.no_grad()
@@ -378,6 +387,15 @@ class Trainer:
             if (self.run_dir / name).is_file():
                 copy_atomic(self.run_dir / name, self.run_dir / PREVIOUS_LAST)
         save_checkpoint(self.run_dir / name, self.net, self.preprocess, metadata, extra)
+
+    def _initialise(self, path: Path) -> None:
+        """Start from the weights of checkpoint ``path`` (fine-tuning); raise ModelError if they do not fit."""
+        state = read_checkpoint(path)
+        if state["model_config"] != self.net.config.to_dict():
+            raise ModelError(f"init weights {path}: its architecture differs from the configuration's "
+                             f"({state['model_config']} vs {self.net.config.to_dict()})")
+        self.net.load_state_dict(state["state_dict"])
+        log.info("starting from the weights of %s", path)
 
     def _restore(self) -> None:
         """Load weights, optimizer, progress and RNG states from ``last.pt`` (or ``last.prev.pt``)."""
