@@ -105,7 +105,7 @@ def markdown(summary: list[dict], machine: dict, notes: list[str]) -> str:
     errors = [f"- {e['group']} / {e['method']}: {e['errors']}" for e in summary if e["errors"]]
     described = ", ".join(f"{k} {v}" for k, v in machine.items())
     return "\n".join(["# LungUDRNet benchmark", "", f"Machine: {described}.", "", *tables,
-                      *([f"Notes:"] + [f"- {n}" for n in notes] if notes else []),
+                      *(["Notes:"] + [f"- {n}" for n in notes] if notes else []),
                       *(["", "Errors:", *errors] if errors else []), ""])
 
 

@@ -11,7 +11,7 @@ voxels of the input grid, channels ordered like the spatial axes (D, H, W).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
