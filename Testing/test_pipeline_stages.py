@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, untrained_model
+from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.metrics import target_registration_error
 from LungUDRNetLib.registration import register
@@ -98,6 +99,9 @@ def test_choose_keeps_the_last_stage_that_is_at_least_as_good_as_every_earlier_o
     outside = [Candidate(c.name, c.moving01, points + 1000.0) for c in candidates]
     kept_outside, none = choose(fixed, None, grid, outside)
     assert kept_outside == "identity" and all(score.lung_ncc_percent is None for score in none)
+    identity_apart = [Candidate("identity", fixed, points + 1000.0), *candidates[1:]]  # scans lying apart
+    kept_apart, apart = choose(fixed, None, grid, identity_apart)
+    assert kept_apart == "network" and apart[0].lung_ncc_percent is None and not apart[0].kept
 
 
 def stored_otherwise(image: sitk.Image) -> sitk.Image:
@@ -115,3 +119,18 @@ def test_the_same_scans_stored_otherwise_give_the_same_mapping(breathing_pair):
     apart = np.linalg.norm(transform_points(points, other.displacement) - transform_points(points, as_is.displacement),
                            axis=1)
     assert apart.max() < 0.3
+
+
+def test_scans_that_do_not_overlap_are_refused_without_the_affine_and_aligned_with_it(breathing_pair, caplog):
+    """The moving scan's origin 1 m away (as when two scanners use other table positions)."""
+    moving = sitk.Image(breathing_pair.moving)
+    moving.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + (0.0, 0.0, 1000.0)))
+    moving_points = breathing_pair.moving_points + (0.0, 0.0, 1000.0)
+    with pytest.raises(InputError, match=r"do not overlap in physical space \(fixed image: x .* mm \(LPS\); "
+                                         r"moving image: x .*z \d+\.\.\d+ mm \(LPS\)\); .*leave the affine"):
+        register(breathing_pair.fixed, moving, model=DEFAULT_WEIGHTS, device="cpu", affine=False)
+    result = register(breathing_pair.fixed, moving, model=DEFAULT_WEIGHTS, device="cpu")
+    assert "affine" in result.kept_stage
+    assert tre(breathing_pair.fixed_points, moving_points, result) < 0.5 * tre(breathing_pair.fixed_points,
+                                                                               breathing_pair.moving_points)
+    assert "do not overlap" in caplog.text and "aligns them by their lungs" in caplog.text

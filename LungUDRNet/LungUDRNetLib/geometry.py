@@ -165,6 +165,27 @@ def index_to_points(indices: np.ndarray, image: sitk.Image) -> np.ndarray:
     return np.atleast_2d(indices) @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def lps_bounds(image: sitk.Image, start=(0, 0, 0), size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest LPS corner (mm) of the voxel block ``start`` + ``size`` (default: all of
+    ``image``), taken at the voxels' outer edges, not their centres."""
+    size = np.asarray(image.GetSize() if size is None else size)
+    edges = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * size + np.asarray(start) - 0.5
+    corners = index_to_points(edges.astype(float), image)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def describe_bounds(image: sitk.Image) -> str:
+    """``"x a..b, y c..d, z e..f mm (LPS)"``: where ``image`` lies in physical space."""
+    low, high = lps_bounds(image)
+    return ", ".join(f"{axis} {a:.0f}..{b:.0f}" for axis, a, b in zip("xyz", low, high)) + " mm (LPS)"
+
+
+def bounds_overlap(a: sitk.Image, b: sitk.Image) -> bool:
+    """Whether the LPS boxes of two images share a volume."""
+    (low_a, high_a), (low_b, high_b) = lps_bounds(a), lps_bounds(b)
+    return bool(np.all(np.minimum(high_a, high_b) > np.maximum(low_a, low_b)))
+
+
 def affine_points(transform: sitk.AffineTransform, points_lps: np.ndarray) -> np.ndarray:
     """``transform`` applied to LPS mm points (..., 3), vectorised: T(p) = A (p - c) + c + t."""
     matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)

@@ -32,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import covering_grid, direction_matrix, index_to_points, resample_field, voxel_flow_to_field
+from .geometry import covering_grid, direction_matrix, lps_bounds, resample_field, voxel_flow_to_field
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,9 @@ def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> 
 def _lps_box(fixed: sitk.Image, roi_mask: sitk.Image | None, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Lowest and highest LPS corner (mm) of the fixed image's voxels, or of ``roi_mask``'s box plus
     ``margin_mm``, as voxel edges (not centres)."""
-    start, size = np.zeros(3, dtype=int), np.asarray(fixed.GetSize())
-    if roi_mask is not None:
-        start, size = _bounding_box(roi_mask, fixed, margin_mm)
-    edges = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * size + start - 0.5
-    corners = index_to_points(edges.astype(float), fixed)
-    return corners.min(axis=0), corners.max(axis=0)
+    if roi_mask is None:
+        return lps_bounds(fixed)
+    return lps_bounds(fixed, *_bounding_box(roi_mask, fixed, margin_mm))
 
 
 def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Image | None = None) -> sitk.Image:

@@ -23,8 +23,8 @@ import torch
 from .affine import prealign
 from .checkpoint import load_model
 from .errors import DeviceError, InputError, ResourceError
-from .geometry import (affine_points, compose_affine, field_to_transform, flow_on_grid, resample_field,
-                       voxel_flow_to_field, warp_image)
+from .geometry import (affine_points, bounds_overlap, compose_affine, describe_bounds, field_to_transform,
+                       flow_on_grid, resample_field, voxel_flow_to_field, warp_image)
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
 from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
@@ -166,6 +166,14 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return result
 
 
+def _apart_message(fixed: sitk.Image, moving: sitk.Image) -> str | None:
+    """A message giving both extents when the scans do not overlap in physical space, else None."""
+    if bounds_overlap(fixed, moving):
+        return None
+    return (f"the scans do not overlap in physical space (fixed image: {describe_bounds(fixed)}; moving image: "
+            f"{describe_bounds(moving)})")
+
+
 def _lung_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
                 moving_mask: sitk.Image | None, moving_needed: bool) -> tuple[sitk.Image | None, sitk.Image | None,
                                                                           dict]:
@@ -287,7 +295,8 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     ``progress(fraction, message)`` is called between steps.
 
     Raises the :mod:`.errors` types: :class:`InputError` (unusable image or
-    mask), :class:`ModelError`, :class:`DeviceError`, :class:`ResourceError`.
+    mask; scans that do not overlap in physical space unless the affine stage
+    aligns them), :class:`ModelError`, :class:`DeviceError`, :class:`ResourceError`.
     NaN/Inf voxels, constant images and non-CT intensity ranges give warnings
     (``logging``), and NaN never reaches the outputs.
     """
@@ -307,6 +316,12 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     moving_image = _ct_image(moving, "moving image")
     fixed_mask = _mask(fixed_mask, fixed_image, "fixed mask")
     moving_mask = _mask(moving_mask, moving_image, "moving mask")
+    apart = _apart_message(fixed_image, moving_image)
+    if apart and not affine:
+        raise InputError(f"{apart}; check that both scans are of this patient in one coordinate system, or leave "
+                         "the affine pre-alignment on: it aligns the lungs first")
+    if apart:
+        log.warning("%s; the affine pre-alignment aligns them by their lungs", apart)
     timings = {"read": time.perf_counter() - started}
 
     report(0.1, "finding the lungs")
@@ -364,6 +379,9 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         if kept is refined:
             kept = Branch(refined.name, refined.transform, fine_grid, None, flow)
         timings["refine"] = time.perf_counter() - step
+    if apart and kept.transform is None:
+        raise InputError(f"{apart}, and the affine pre-alignment could not align them (lungs not found in both, "
+                         "or its result was not kept); pass lung masks, or check that both scans are of this patient")
     if never_worse:
         _warn_if_dropped(kept, scores, refined=refine_steps > 0)
 

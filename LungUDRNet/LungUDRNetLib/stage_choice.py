@@ -3,9 +3,12 @@
 The candidates (identity, affine, network, refinement, in that order) are
 compared on the network grid: NCC between the normalised fixed image and the
 moving image as each candidate maps it, over the fixed lungs (the whole grid
-without a mask) where every candidate samples inside the moving scan. A stage
-is kept when it scores at least as well as the best stage before it; the
-result is the last stage kept. Points are LPS mm; arrays (D, H, W).
+without a mask) where every compared candidate samples inside the moving scan.
+A candidate that maps less than half as much of that region into the moving
+scan as the best one (e.g. the identity when the scans lie apart) is not
+compared and never kept. A stage is kept when it scores at least as well as
+the best stage before it; the result is the last stage kept. Points are LPS
+mm; arrays (D, H, W).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import SimpleITK as sitk
 
 from . import metrics
 from .geometry import index_to_points, points_to_index
+
+
+MIN_COVERAGE = 0.5  # share of the best candidate's overlap a candidate needs to be compared
 
 
 @dataclass
@@ -59,12 +65,17 @@ def choose(fixed01: np.ndarray, lungs: np.ndarray | None, moving: sitk.Image,
     ``lungs``: the fixed lung mask on the network grid (bool), or None.
     """
     region = np.ones(fixed01.shape, dtype=bool) if lungs is None else lungs.copy()
-    for candidate in candidates:
-        region &= inside(candidate.moving_points, moving)
-    scores, best, chosen = [], -np.inf, candidates[0].name
-    for candidate in candidates:
-        if region.sum() < 2:
-            scores.append(StageScore(candidate.name, None, candidate is candidates[0]))
+    inside_moving = [inside(candidate.moving_points, moving) & region for candidate in candidates]
+    coverage = np.array([mask.sum() for mask in inside_moving], dtype=float)
+    compared = coverage >= max(MIN_COVERAGE * coverage.max(), 2.0)
+    for mask, used in zip(inside_moving, compared):
+        if used:
+            region &= mask
+    scores, best = [], -np.inf
+    chosen = candidates[int(np.argmax(compared))].name if compared.any() else candidates[0].name
+    for candidate, used in zip(candidates, compared):
+        if not used or region.sum() < 2:
+            scores.append(StageScore(candidate.name, None, candidate.name == chosen and best == -np.inf))
             continue
         value = 100.0 * metrics.ncc(fixed01, candidate.moving01, region)
         kept = value >= best
