@@ -22,6 +22,12 @@ from LungUDRNetTrainerLib.config import TrainConfig, resolve_config
 from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA_CONTENTS = {
+    "learn2reg_lungct": "Learn2Reg LungCT masks, keypoints and landmarks (cases 0001-0003 as the challenge's public "
+                        "evaluation repository has them; no CT images)",
+    "elastix_lung": "the elastix lung CT with landmark pairs (elastix test data: a small baseline chest CT, two lung "
+                    "masks and 100 corresponding landmarks in mm)",
+}
 
 torch.set_num_threads(2)
 
@@ -54,7 +60,9 @@ def shared_data(*parts: str) -> Path:
     """Path under the shared reference data, or skip the test when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared reference data not available here ({'/'.join(parts)})")
+        pytest.skip(f"shared reference data not available here ({'/'.join(parts)}): "
+                    f"{SHARED_DATA_CONTENTS[parts[0]]}, expected in a folder shared/data "
+                    "beside the repository (see CONTRIBUTING.md)")
     return path
 
 

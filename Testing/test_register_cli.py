@@ -1,4 +1,5 @@
-"""`register()` and `lungudrnet register` end to end on generated phantom pairs."""
+"""`register()` and `lungudrnet register` end to end on generated phantom pairs; the command line's options
+and help of every subcommand."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import json
 import re
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from LungUDRNetLib import register
-from LungUDRNetLib.cli import main
+from LungUDRNetLib.cli import build_parser, main
 from LungUDRNetLib.errors import InputError
 
 from robustness_cases import checksums
@@ -152,3 +155,86 @@ def test_cli_register_runs_offline_and_logs_at_the_chosen_level(phantom_files, t
         assert re.search(pattern, completed.stderr), completed.stderr
     for level in hidden:
         assert level not in completed.stderr, completed.stderr
+
+
+REGISTER_ARGS = ["--fixed", "f.nii", "--moving", "m.nii", "--out", "out"]
+
+
+@pytest.mark.parametrize("argv, verbose, quiet", [
+    (["register", "--verbose", *REGISTER_ARGS], True, False),
+    (["-q", "register", *REGISTER_ARGS], False, True),
+    (["register", *REGISTER_ARGS], False, False),
+    (["demo", "-q"], False, True),
+    (["lung-mask", "--image", "ct.nii", "--out", "mask.nii.gz", "-v"], True, False),
+    (["train", "--quiet"], False, True),
+    (["evaluate", "--model", "m.pt", "--data", "data", "--verbose"], True, False),
+    (["-v", "bench"], True, False),
+    (["bench", "-q"], False, True),
+])
+def test_verbosity_goes_before_or_after_every_subcommand(argv, verbose, quiet):
+    args = build_parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+def test_verbose_after_register_reaches_the_input_check(tmp_path, capsys):
+    status = main(["register", "--verbose", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving",
+                   str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "out")])
+    assert status == 2
+    assert capsys.readouterr().err == f"lungudrnet: error: fixed image {tmp_path / 'nope.nii.gz'}: file not found\n"
+
+
+def test_verbose_and_quiet_exclude_each_other_across_levels(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["-v", "bench", "-q"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.endswith("lungudrnet: error: --verbose and --quiet exclude each other\n")
+
+
+def test_version_is_the_installed_package_version(capsys):
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert version("lungudrnet") == re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1)
+    assert capsys.readouterr().out == f"lungudrnet {version('lungudrnet')}\n"
+
+
+def _help(argv: list[str], capsys, monkeypatch) -> str:
+    """The help text of ``argv`` with its whitespace collapsed (independent of line wrapping)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--help"])
+    assert exit.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_top_level_help_is_plain_text_listing_every_subcommand(capsys, monkeypatch):
+    text = _help([], capsys, monkeypatch)
+    commands = text.split("Commands: ", 1)[1].split(";", 1)[0].split(", ")
+    assert sorted(commands) == ["bench", "demo", "evaluate", "lung-mask", "register", "train"]
+    assert "``" not in text
+
+
+# Each default once, right before the next option's name.
+@pytest.mark.parametrize("command, expected", [
+    ("register", "--device DEVICE auto, cpu, cuda or mps (default: auto) --fixed-mask"),
+    ("register", "0 = network only (default: 0) --displacement-grid"),
+    ("register", "0.4% of the fixed grid) (default: fixed) --no-affine"),
+    ("demo", "--out OUT output folder (default: demo_output) --device DEVICE auto, cpu, cuda or mps (default: auto) "
+             "--model"),
+    ("lung-mask", "--overwrite replace an existing mask file"),
+    ("train", "held out when the data has no validation pairs (paper: 0.2) --augment-pairs"),
+    ("evaluate", "which pairs (default: val) --out OUT folder for the CSV and Markdown tables (default: evaluation) "
+                 "--device"),
+    ("bench", "--out OUT output folder (default: bench_results) --quick"),
+    ("bench", "--pairs N number of synthetic breathing pairs on the Learn2Reg grid (default: 6) --groups"),
+    ("bench", "--repeats REPEATS timed runs per method and pair (median) (default: 3) --warmup WARMUP untimed runs "
+              "before the timed ones (default: 1) --slow-seconds"),
+    ("bench", "--threads THREADS CPU threads, the same for every method (default: 2) --timeout TIMEOUT seconds per "
+              "method and pair (default: 3600.0) --weights"),
+    ("bench", "twice as fine) (default: 30) --elastix-iterations"),
+])
+def test_subcommand_help_shows_each_default_once(command, expected, capsys, monkeypatch):
+    text = _help([command], capsys, monkeypatch)
+    assert expected in text
+    assert not re.search(r"default: (None|False|True|==SUPPRESS==)", text)

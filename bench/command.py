@@ -33,12 +33,13 @@ def _shipped(name: str) -> str | None:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark UDRNet against its peers (TRE, time, memory)")
     parser.add_argument("--data", help="Learn2Reg-layout folder (imagesTr/, masksTr/, keypointsTr/, landmarksTr/)")
-    parser.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
+    parser.add_argument("--out", default="bench_results", help="output folder")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 2 tiny phantom pairs, methods {', '.join(QUICK_METHODS)}, 1 repeat")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: "
-                        + ", ".join(METHODS))
-    parser.add_argument("--pairs", type=int, default=6, help="synthetic breathing pairs on the Learn2Reg grid")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of the methods (default: all of them, %(default)s)")
+    parser.add_argument("--pairs", type=int, default=6, metavar="N",
+                        help="number of synthetic breathing pairs on the Learn2Reg grid")
     parser.add_argument("--groups", default="standard,unseen",
                         help="pair groups: standard (breathing pairs on the Learn2Reg grid, --data, the elastix "
                              "CT), unseen (scans unlike the training pairs: whole field of view, 5 mm slices, "

@@ -1,4 +1,4 @@
-"""The ``lungudrnet`` command line: ``register`` and ``demo``; the trainer and the bench add theirs.
+"""The ``lungudrnet`` command line: ``register``, ``demo`` and ``lung-mask``; the trainer and the bench add theirs.
 
 Exit status: 0 on success; on a problem the user can fix, one line naming the
 input and what is wrong, and the status of the error class (2 input/model/
@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -24,6 +24,34 @@ COMMANDS_GROUP = "lungudrnet.commands"
 AddParsers = Callable[[argparse._SubParsersAction], None]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none to show (None, or a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def verbosity_options(default=False) -> argparse.ArgumentParser:
+    """-v/--verbose and -q/--quiet as a parent parser; default SUPPRESS in a subcommand, so that an option
+    given before the subcommand is not overwritten."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="show debug messages")
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="show warnings and errors only")
+    return parent
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every subcommand, also those of plugins: defaults in its help, -v/-q after its name."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs["parents"] = [*kwargs.get("parents", []), verbosity_options(argparse.SUPPRESS)]
+        super().__init__(**kwargs)
+
+
 def add_register_parser(subparsers) -> None:
     parser = subparsers.add_parser("register", help="register a moving CT onto a fixed CT")
     parser.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA or DICOM folder)")
@@ -31,7 +59,7 @@ def add_register_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder for warped.nii.gz, displacement.nii.gz, "
                                                      "metrics.json")
     parser.add_argument("--model", help="checkpoint (.pt) or training run folder; default: bundled weights")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid; default: an "
                                              "automatic one, as `lungudrnet lung-mask` writes)")
     parser.add_argument("--moving-mask", help="lung mask of the moving image (affine pre-alignment, lung Dice; "
@@ -44,14 +72,13 @@ def add_register_parser(subparsers) -> None:
     parser.add_argument("--refine-steps", type=int, default=0, metavar="N",
                         help="instance refinement: N Adam steps on the network grid, then 2N on a grid twice as "
                              "fine (slower, more exact; 30 steps: 13.9 s instead of 2.7 s per Learn2Reg-size pair, "
-                             "mean TRE 2.53 -> 0.75 mm, bench of 2026-12-01 on 2 CPU threads); default 0 = "
-                             "network only")
+                             "mean TRE 2.53 -> 0.75 mm, bench of 2026-12-01 on 2 CPU threads); 0 = network only")
     parser.add_argument("--displacement-grid", choices=("fixed", "native"), default="fixed",
                         help="grid of displacement.nii.gz: 'fixed' = the fixed image's own grid (12 bytes per fixed "
                              "voxel: 0.94 GB for 512x512x300); 'native' = the resolution the field really has, the "
                              "network grid (finer with --refine-steps) extended to cover the fixed image, which "
                              "tools interpolate to the same field at every fixed voxel (66^3 nodes, 3.3 MB for a "
-                             "64^3 network: 0.4%% of the fixed grid); default: fixed")
+                             "64^3 network: 0.4%% of the fixed grid)")
     parser.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine pre-alignment (the network alone, as in the paper); by default the "
                              "result keeps whichever of identity, affine, network and affine + network is most "
@@ -102,14 +129,13 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 
 
 def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lungudrnet", description=__doc__.splitlines()[0])
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="show warnings and errors only")
+    parser = argparse.ArgumentParser(prog="lungudrnet", formatter_class=HelpFormatter,
+                                     parents=[verbosity_options()])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--progress-json", action="store_true",
                         help="write progress, warnings, results and errors as JSON lines on standard output (for "
                              "programs that run lungudrnet as a child process); everything else goes to stderr")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     add_register_parser(subparsers)
     from .demo import add_demo_parser
     add_demo_parser(subparsers)
@@ -117,7 +143,17 @@ def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.Argument
     add_lung_mask_parser(subparsers)
     for add_parsers in command_plugins(extra_commands):
         add_parsers(subparsers)
+    parser.description = (f"Deformable registration of lung CT with UDRNet. Commands: {', '.join(subparsers.choices)}"
+                          "; 'lungudrnet COMMAND --help' lists the options of one.")
     return parser
+
+
+def package_version() -> str:
+    """The installed version of lungudrnet, or "unknown (not installed)" where it runs from source (Slicer)."""
+    try:
+        return version("lungudrnet")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def command_plugins(extra_commands: Iterable[AddParsers] = ()) -> list[AddParsers]:
@@ -141,7 +177,10 @@ def _raise_cancelled(signum, frame) -> None:
 
 def main(argv: list[str] | None = None, extra_commands: Iterable[AddParsers] = ()) -> int:
     """Run the ``lungudrnet`` command line; ``extra_commands`` as in :func:`command_plugins`."""
-    args = build_parser(extra_commands).parse_args(argv)
+    parser = build_parser(extra_commands)
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("--verbose and --quiet exclude each other")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_cancelled)

@@ -24,7 +24,7 @@ DEMO_AMPLITUDE_MM = 15.0
 
 def add_demo_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="register a breathing pair made from a real chest CT")
-    parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    parser.add_argument("--out", default="demo_output", help="output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--model", help="checkpoint or training run folder (default: the bundled weights)")
     parser.set_defaults(run=run_demo)

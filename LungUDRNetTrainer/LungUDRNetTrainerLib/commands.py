@@ -79,9 +79,8 @@ def add_evaluate_parser(subparsers) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="Learn2Reg dataset folder")
     source.add_argument("--pairs", help="pairs CSV")
-    parser.add_argument("--split", choices=("val", "test", "train"), default="val", help="which pairs (default: val)")
-    parser.add_argument("--out", default="evaluation", help="folder for the CSV and Markdown tables "
-                                                            "(default: evaluation)")
+    parser.add_argument("--split", choices=("val", "test", "train"), default="val", help="which pairs")
+    parser.add_argument("--out", default="evaluation", help="folder for the CSV and Markdown tables")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--overwrite", action="store_true", help="replace existing tables in --out")
     parser.set_defaults(run=run_evaluate)
