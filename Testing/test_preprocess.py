@@ -96,3 +96,15 @@ def test_canonical_grid_keeps_its_spacing_and_centres_on_the_lungs_however_the_s
 def test_preprocess_settings_that_cannot_work_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         PreprocessConfig(**settings)
+
+
+def test_canonical_grid_says_when_the_lungs_do_not_fit(caplog):
+    fixed = chest_phantom(make_grid((60, 50, 40), (1.5, 2.0, 2.5), (-45.0, -50.0, -50.0)))
+    mask = lung_mask_phantom(fixed)
+    small = PreprocessConfig(grid_shape=(4, 4, 4), grid_mode="canonical", grid_spacing_mm=6.0, roi_margin_mm=0.0)
+    network_grid(fixed, small, roi_mask=mask)
+    assert "lung box" in caplog.text and "is larger than the network grid (24 x 24 x 24 mm)" in caplog.text
+    caplog.clear()
+    network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32), grid_mode="canonical", grid_spacing_mm=6.0),
+                 roi_mask=mask)
+    assert "larger than the network grid" not in caplog.text

@@ -188,6 +188,12 @@ def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Ima
             new_spacing = (high - low) / shape_xyz
         else:
             new_spacing = np.full(3, float(config.grid_spacing_mm))
+            cropped = (high - low) - shape_xyz * new_spacing
+            if np.any(cropped > 2 * config.roi_margin_mm):
+                log.warning("the %s box (%s mm) is larger than the network grid (%s mm): its edges are left "
+                            "out", "lung" if roi_mask is not None else "image",
+                            " x ".join(f"{v:.0f}" for v in high - low),
+                            " x ".join(f"{v:.0f}" for v in shape_xyz * new_spacing))
         grid.SetSpacing(tuple(float(v) for v in new_spacing))
         grid.SetOrigin(tuple(float(v) for v in (low + high) / 2 - (shape_xyz - 1) * new_spacing / 2))
     else:
