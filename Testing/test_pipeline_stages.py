@@ -51,19 +51,20 @@ def test_a_set_up_difference_is_taken_by_the_affine_stage(breathing_pair):
     assert result.mask_sources == {"fixed": "automatic", "moving": "automatic"}
 
 
-def test_a_breathing_pair_keeps_the_network_and_the_affine_changes_nothing_for_it(breathing_pair):
+def test_a_breathing_pair_keeps_the_best_scoring_stage_and_each_stage_helps(breathing_pair):
     result = register(breathing_pair.fixed, breathing_pair.moving, model=DEFAULT_WEIGHTS, device="cpu")
     network_alone = register(breathing_pair.fixed, breathing_pair.moving, model=DEFAULT_WEIGHTS, device="cpu",
                              affine=False)
     before = tre(breathing_pair.fixed_points, breathing_pair.moving_points)
-    # measured 2026-12-03: 7.94 -> 2.47 mm, the network branch kept (affine then network: 3.8 mm)
-    assert result.kept_stage == "network"
-    assert tre(breathing_pair.fixed_points, breathing_pair.moving_points, result) == pytest.approx(
-        tre(breathing_pair.fixed_points, breathing_pair.moving_points, network_alone), abs=0.05)
-    assert tre(breathing_pair.fixed_points, breathing_pair.moving_points, result) < 0.4 * before
+    after = tre(breathing_pair.fixed_points, breathing_pair.moving_points, result)
+    # measured 2026-12-05: 7.94 mm before; network alone 2.47 mm; the affine stage alone 1.44 mm (kept, lung NCC
+    # 92.2 % against 88.9 % for the network and 85.3 % for affine + network)
     scores = {score.stage: score.lung_ncc_percent for score in result.stages}
     assert set(scores) == {"identity", "affine", "network", "affine + network"}
-    assert scores["network"] == max(scores.values())
+    assert scores[result.kept_stage] == max(scores.values())
+    assert after < 0.25 * before
+    assert tre(breathing_pair.fixed_points, breathing_pair.moving_points, network_alone) < 0.4 * before
+    assert network_alone.kept_stage == "network"
 
 
 def test_a_network_that_makes_things_worse_is_not_kept_and_the_user_is_told(breathing_pair, caplog):

@@ -11,7 +11,7 @@ oblique, is handled):
 
 1. **moments**: a translation that matches the lung centroids;
 2. **rigid**: rotation about the fixed lung centroid and translation, by
-   regular-step gradient descent on the mean squared difference of the lung
+   gradient descent with a line search on the mean squared difference of the lung
    masks averaged once more to ``mask_factor * spacing_mm`` (about 12 mm: a
    wide capture range; the moving lungs count as absent beyond the moving
    image, so that the fit cannot push the lungs out of view);
@@ -40,6 +40,7 @@ from .geometry import index_to_points
 from .lung_mask import working_grid
 
 HU_RANGE = (-1000.0, 200.0)  # CT values are clipped to this before the image metric
+LINE_SEARCH_RANGE = 4.0  # the line search of each iteration tries steps up to this many times the first one
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class AffineConfig:
     dilation_mm: float = 12.0  # the image metric counts the fixed lungs dilated by this
     sample_fraction: float = 0.25  # of the image metric's voxels, drawn once with ``seed``
     seed: int = 20240611
-    rigid_step_mm: float = 12.0  # first step of the rigid stage's gradient descent; it halves on each turn
+    rigid_step_mm: float = 12.0  # largest shift of a lung point by the rigid stage's first gradient step
     image_step_mm: float = 3.0  # the same for the affine stage
     rigid_iterations: int = 80
     affine_iterations: int = 40
@@ -136,7 +137,7 @@ class _Prealignment:
     def __init__(self, coarse: _Coarse, config: AffineConfig, start: float):
         self.coarse, self.config, self.start = coarse, config, start
         self.deadline = start + config.time_budget_s
-        self.fixed_centre, self.radius = _moments(coarse.fixed_lungs)
+        self.fixed_centre = _centroid(coarse.fixed_lungs)
         self.result = AffineResult(transform=_identity(self.fixed_centre), stage="identity")
         self.result.overlap["identity"] = self.overlap(self.result.transform)
         self.result.correlation["identity"] = self.correlation(self.result.transform)
@@ -145,7 +146,7 @@ class _Prealignment:
     def moments(self) -> None:
         """Translation that matches the lung centroids."""
         clock = time.perf_counter()
-        moving_centre, _ = _moments(self.coarse.moving_lungs)
+        moving_centre = _centroid(self.coarse.moving_lungs)
         self.keep_if_not_worse("moments", _affine(self.fixed_centre, np.eye(3), moving_centre - self.fixed_centre))
         self.timings["moments"] = time.perf_counter() - clock
 
@@ -223,17 +224,21 @@ class _Prealignment:
 
     def optimise(self, registration: sitk.ImageRegistrationMethod, transform: sitk.Transform, fixed: sitk.Image,
                  moving: sitk.Image, step_mm: float, iterations: int, stage: str) -> sitk.Transform:
-        """Regular-step gradient descent of ``transform`` in place (also returned).
+        """Gradient descent with a line search, of ``transform`` in place (also returned).
 
-        Parameter scales make a step of ``step_mm`` move the lungs by about that
-        many mm whether it rotates or scales (radius: the lungs' RMS radius) or
-        translates; the step halves whenever the direction turns back, down to
-        1/64 of its start. On an ITK error the transform keeps its start
-        parameters, and the error is told.
+        Parameter scales come from the physical shift each parameter causes, and
+        the learning rate is set once so that the first step moves no point of the
+        fixed region by more than ``step_mm``; the line search then takes up to
+        ``LINE_SEARCH_RANGE`` times that step. (ITK's regular-step optimiser
+        measures its step in parameter units: a step of 12 turned the lungs by
+        radians.) On an ITK error the transform keeps its start parameters, and
+        the error is told.
         """
-        linear = transform.GetNumberOfParameters() - 3
-        registration.SetOptimizerScales([self.radius ** 2] * linear + [1.0] * 3)
-        registration.SetOptimizerAsRegularStepGradientDescent(step_mm, step_mm / 64, iterations, 0.5, 1e-8)
+        registration.SetOptimizerScalesFromPhysicalShift()
+        registration.SetOptimizerAsGradientDescentLineSearch(
+            1.0, iterations, convergenceMinimumValue=1e-6, convergenceWindowSize=5, lineSearchLowerLimit=0.0,
+            lineSearchUpperLimit=LINE_SEARCH_RANGE, lineSearchEpsilon=0.05, lineSearchMaximumIterations=10,
+            estimateLearningRate=registration.Once, maximumStepSizeInPhysicalUnits=step_mm)
         start = transform.GetParameters()
         registration.SetInitialTransform(transform, inPlace=True)
         registration.AddCommand(sitk.sitkIterationEvent,
@@ -383,12 +388,10 @@ def _bounding_box(lungs: sitk.Image, margin_mm: float):
     return lambda image: image[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
 
 
-def _moments(lungs: sitk.Image) -> tuple[np.ndarray, float]:
-    """Centroid (LPS mm) and root-mean-square distance from it (mm) of a 0/1 lung image."""
+def _centroid(lungs: sitk.Image) -> np.ndarray:
+    """Centroid (LPS mm) of a 0/1 lung image."""
     k, j, i = np.nonzero(sitk.GetArrayViewFromImage(lungs))
-    points = index_to_points(np.stack([i, j, k], axis=1).astype(float), lungs)
-    centre = points.mean(axis=0)
-    return centre, float(np.sqrt(np.mean(np.sum((points - centre) ** 2, axis=1))))
+    return index_to_points(np.stack([i, j, k], axis=1).astype(float), lungs).mean(axis=0)
 
 
 # ----------------------------------------------------------------------------- transforms

@@ -89,8 +89,8 @@ def restore(image: sitk.Image, order: tuple[int, int, int] = (0, 1, 2),
 
 
 def with_setup_difference(pair: BreathingPair, transform: sitk.Transform) -> BreathingPair:
-    """``pair`` with the patient of the moving scan moved by the rigid ``transform`` (new LPS mm -> old,
-    see :func:`shift_patient`); displacement and moving points follow exactly."""
+    """``pair`` with the patient of the moving scan moved by the rigid (or affine) ``transform`` (new LPS mm
+    -> old, see :func:`shift_patient`; e.g. a pre-alignment); displacement and moving points follow exactly."""
     inverse = invert_affine(transform)
     return dataclasses.replace(
         pair, moving=shift_patient(pair.moving, transform),

@@ -9,8 +9,10 @@ the ground-truth field as ``*_true_displacement.nii.gz`` (the CSV's
 
 ``--wide`` draws each pair's scans from the wider range users bring
 (:data:`WIDE`): breathing of 5-35 mm with front-back and left-right parts, a
-residual set-up difference (what is left after the affine stage), slice
-thickness, HU calibration and noise per scan.
+set-up difference (couch shift and rotation), slice thickness, HU calibration
+and noise per scan; then the moving scan is pre-aligned by ``register``'s own
+affine stage (automatic lung masks), so the network learns what is left after
+it, as it meets it in ``register``.
 
     python -m LungUDRNetTrainerLib.synthetic_dataset --out DIR \
         --train lung1:24 --val lung2:4 [--spacing 2.5] [--amplitude 6 20] [--wide] [--seed 0]
@@ -28,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from LungUDRNetLib.affine import prealign
 from LungUDRNetLib.io import atomic_path, write_displacement_field, write_image
+from LungUDRNetLib.lung_mask import lung_mask
 from LungUDRNetLib.sample_data import load_sample_ct
 from LungUDRNetLib.scan_variants import random_rigid, with_acquisition, with_setup_difference
 from LungUDRNetLib.synth import (EXPANSION_FRACTION, LEARN2REG_SIZE, LEARN2REG_SPACING, BreathingPair,
@@ -52,11 +56,12 @@ class Variation:
     thickness_mm: tuple[float, float] = (0.0, 0.0)  # per scan; below the CT spacing: unchanged
     gain: tuple[float, float] = (1.0, 1.0)  # per scan, of HU + 1000
     offset_hu: tuple[float, float] = (0.0, 0.0)  # per scan
+    affine_aligned: bool = False  # the moving scan pre-aligned by register's affine stage
 
 
 WIDE = Variation(amplitude_mm=(5.0, 35.0), expansion_fraction=(0.15, 0.5), anterior_fraction=(0.0, 0.4),
-                 noise_hu=(5.0, 30.0), setup_angle_deg=2.0, setup_shift_mm=3.0, thickness_mm=(1.0, 5.0),
-                 gain=(0.95, 1.05), offset_hu=(-20.0, 20.0))
+                 noise_hu=(5.0, 30.0), setup_angle_deg=8.0, setup_shift_mm=20.0, thickness_mm=(1.0, 5.0),
+                 gain=(0.95, 1.05), offset_hu=(-20.0, 20.0), affine_aligned=True)
 
 
 def make_varied_pair(ct, variation: Variation, rng: np.random.Generator) -> tuple[BreathingPair, str]:
@@ -69,6 +74,9 @@ def make_varied_pair(ct, variation: Variation, rng: np.random.Generator) -> tupl
         setup = random_rigid(rng, variation.setup_angle_deg, variation.setup_shift_mm, body_centre(ct))
         pair = with_setup_difference(pair, setup)
     pair = with_acquisition(pair, rng, variation.thickness_mm, variation.gain, variation.offset_hu)
+    if variation.affine_aligned:
+        masks = (lung_mask(pair.fixed, "fixed scan"), lung_mask(pair.moving, "moving scan"))
+        pair = with_setup_difference(pair, prealign(pair.fixed, pair.moving, *masks).transform)
     return pair, f"seed {seed}, {amplitude:.1f} mm"
 
 
