@@ -5,18 +5,26 @@ BIN := $(VENV)/bin
 # CPU build by default; set TORCH_SPEC=torch (or a CUDA wheel) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install sample-data bench clean
+.PHONY: demo test install install-test sample-data bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Stamps: .installed = the runtime dependencies (all that `make demo` needs); .installed-test = those plus the
+# test extras (slicer-core with VTK, pytest, ...), for `make test`. Both follow pyproject.toml.
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 # The real chest CTs (pyradiomics 3.0.1 sample data, BSD-3), cached and checksum-verified.
 sample-data: install
@@ -26,7 +34,7 @@ demo: sample-data
 	$(BIN)/lungudrnet demo --out demo_output
 
 # Tests that need the real CTs skip with a reason when the download is not possible.
-test: install
+test: install-test
 	-$(BIN)/python -m LungUDRNetLib.sample_data
 	$(BIN)/python -m pytest -q
 

@@ -90,10 +90,9 @@ def add_register_parser(subparsers) -> None:
 def run_register(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .io import read_image, read_image_header
-    from .outputs import check_output_dir, write_result
+    from .outputs import check_output_dir
     from .preprocess import mask_on_image_grid
     from .registration import check_register_memory, register
-    from .report import registration_report
 
     paths = {"fixed image": args.fixed, "moving image": args.moving, "fixed mask": args.fixed_mask,
              "moving mask": args.moving_mask}
@@ -110,8 +109,8 @@ def run_register(args: argparse.Namespace) -> None:
     result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
                       moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
                       refine_steps=args.refine_steps, affine=args.affine)
-    report = registration_report(fixed, moving, result, masks.get("fixed mask"), masks.get("moving mask"))
-    written = write_result(result, report, out_dir, args.displacement_grid)
+    report = result.metrics(fixed, moving, masks.get("fixed mask"), masks.get("moving mask"))
+    written = result.save(out_dir, overwrite=args.overwrite, displacement_grid=args.displacement_grid, metrics=report)
     progress_events.emit("result", paths={name: str(path) for name, path in written.items()})
     _print_summary(report, out_dir)
 

@@ -311,6 +311,17 @@ def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
     return field
 
 
+def read_transform(path: str | os.PathLike) -> sitk.DisplacementFieldTransform:
+    """A displacement field file (e.g. ``displacement.nii.gz``) as a SimpleITK transform.
+
+    ``TransformPoint`` maps a fixed point to its moving point, p -> p + u(p)
+    (LPS mm), and ``sitk.Resample(moving, fixed, transform, ...)`` warps the
+    moving image onto the fixed grid. (SimpleITK's transform needs 64-bit float
+    vectors, so the file is read as such.)
+    """
+    return sitk.DisplacementFieldTransform(read_displacement_field(path))
+
+
 def write_json(data: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path, overwrite) as temporary:

@@ -1,4 +1,4 @@
-"""Writing the result files of a registration together, all or nothing."""
+"""Writing the result files of a registration together, all or nothing (:meth:`RegistrationResult.save`)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ from .errors import OutputError
 from .io import atomic_paths, save_displacement_field, save_image, save_json
 from .registration import RegistrationResult
 
-RESULT_FILES = ("warped.nii.gz", "displacement.nii.gz", "metrics.json")
+IMAGE_FILES = ("warped.nii.gz", "displacement.nii.gz")
+RESULT_FILES = (*IMAGE_FILES, "metrics.json")
 DISPLACEMENT_GRIDS = ("fixed", "native")
 
 
-def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
-    """Refuse results that exist (unless ``overwrite``), that would replace an input, or that
+def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: bool,
+                     names: tuple[str, ...] = RESULT_FILES) -> Path:
+    """Refuse result files ``names`` that exist (unless ``overwrite``), that would replace an input, or that
     cannot be written (the folder, or its nearest existing parent, is not writable); creates nothing."""
     out_dir = Path(out_dir)
-    targets = [(out_dir / name).resolve() for name in RESULT_FILES]
+    targets = [(out_dir / name).resolve() for name in names]
     for source in inputs:
         if source is not None and Path(source).resolve() in targets:
             raise OutputError(f"output {source}: is also an input; choose another --out folder")
@@ -39,10 +41,11 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
     return out_dir
 
 
-def write_result(result: RegistrationResult, report: dict, out_dir: Path,
-                 displacement_grid: str = "fixed") -> dict[str, Path]:
-    """Write warped image, displacement field and metrics; on failure none of them is left behind,
-    nor the folders this call created.
+def write_result(result: RegistrationResult, report: dict | None, out_dir: str | Path,
+                 displacement_grid: str = "fixed", overwrite: bool = False) -> dict[str, Path]:
+    """Write warped image, displacement field and (unless ``report`` is None) metrics; on failure none of
+    them is left behind, nor the folders this call created. Existing files are refused unless ``overwrite``
+    (see :func:`check_output_dir`).
 
     ``displacement_grid``: ``"fixed"`` writes ``result.displacement`` (the fixed
     image's grid), ``"native"`` ``result.native_displacement`` (the network's
@@ -53,17 +56,20 @@ def write_result(result: RegistrationResult, report: dict, out_dir: Path,
     field = result.native_displacement if displacement_grid == "native" else result.displacement
     if field is None:
         raise OutputError("displacement: this result has no field on its native grid; write the fixed grid's")
+    names = IMAGE_FILES if report is None else RESULT_FILES
+    out_dir = check_output_dir(out_dir, [], overwrite, names)
     created = [folder for folder in (out_dir, *out_dir.absolute().parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
-    paths = {name: out_dir / name for name in RESULT_FILES}
+    paths = {name: out_dir / name for name in names}
     try:
-        with atomic_paths(list(paths.values())) as (warped, displacement, metrics):
+        with atomic_paths(list(paths.values())) as (warped, displacement, *metrics):
             save_image(result.warped, warped)
             save_displacement_field(field, displacement)
-            save_json(report, metrics)
+            if metrics:
+                save_json(report, metrics[0])
     except BaseException:
         for folder in created:  # deepest first
             with contextlib.suppress(OSError):

@@ -12,8 +12,10 @@ and transform.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -74,6 +76,39 @@ class RegistrationResult:
     fixed_mask: sitk.Image | None = None
     moving_mask: sitk.Image | None = None
     mask_sources: dict[str, str | None] = field(default_factory=dict)
+
+    def metrics(self, fixed, moving, fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+                fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None) -> dict:
+        """What ``lungudrnet register`` writes as ``metrics.json`` for this result: similarity before and
+        after registration, lung Dice, Jacobian statistics, kept stage, runtime and device.
+
+        ``fixed`` and ``moving`` are the scans given to :func:`register` (images
+        or file paths). The lung masks (on their scan's grid) default to those the
+        registration used; points (N, 3, LPS mm, row i of ``fixed_points``
+        corresponding to row i of ``moving_points``) add the TRE. The keys are
+        those of :func:`.report.registration_report`.
+        """
+        from .report import registration_report  # the report module imports this one
+
+        fixed = fixed if isinstance(fixed, sitk.Image) else read_image(fixed, "fixed image")
+        moving = moving if isinstance(moving, sitk.Image) else read_image(moving, "moving image")
+        return registration_report(fixed, moving, self, fixed_mask, moving_mask, fixed_points, moving_points)
+
+    def save(self, folder: str | os.PathLike, overwrite: bool = False, displacement_grid: str = "fixed",
+             metrics: dict | None = None) -> dict[str, Path]:
+        """Write the result files of ``lungudrnet register`` into ``folder`` (created if needed).
+
+        ``warped.nii.gz``: the warped moving scan on the fixed grid.
+        ``displacement.nii.gz``: the pull field u (LPS mm, an ITK displacement
+        field file; see :func:`.io.read_transform`) on the fixed grid, or with
+        ``displacement_grid="native"`` on its native grid (``native_displacement``).
+        ``metrics.json``: ``metrics``, e.g. from :meth:`metrics`, when given.
+        Existing files are refused unless ``overwrite``; all files are written
+        or none (:class:`.errors.OutputError`). Returns the paths by file name.
+        """
+        from .outputs import write_result  # the outputs module imports this one
+
+        return write_result(self, metrics, folder, displacement_grid, overwrite)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
