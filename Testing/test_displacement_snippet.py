@@ -3,6 +3,9 @@ with SimpleITK alone), run as they stand on the output of ``lungudrnet register`
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,19 +17,19 @@ from LungUDRNetLib.report import overlap_mask
 
 from result_cases import SHIFT_MM, write_shifted_pair
 
-# The README's lines (section "The displacement-field convention"), verbatim.
-SNIPPET = """\
-import SimpleITK as sitk
-import LungUDRNetLib
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-fixed = sitk.ReadImage("exhale.nii.gz")
-moving = sitk.ReadImage("inhale.nii.gz")
-tx = LungUDRNetLib.read_transform("result/displacement.nii.gz")
-# or with SimpleITK alone, which needs the vectors as 64-bit floats:
-tx_sitk = sitk.DisplacementFieldTransform(sitk.ReadImage("result/displacement.nii.gz", sitk.sitkVectorFloat64))
-warped = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, -1024, sitk.sitkFloat32)  # = result/warped.nii.gz
-moving_point = tx.TransformPoint((10.0, -20.0, 30.0))  # a fixed point (LPS mm) -> its moving point
-"""
+
+def readme_snippet() -> str:
+    """The README's Python block that reads ``displacement.nii.gz`` (section "The displacement-field
+    convention"), as it stands there."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    matching = [block for block in blocks if "read_transform" in block]
+    assert len(matching) == 1, "the README holds one Python block with read_transform"
+    return matching[0]
+
+
+SNIPPET = readme_snippet()
 
 WARPED_TOLERANCE_HU = 0.01  # measured: 1.2e-4 HU at most (float32 rounding near -1000 HU)
 
