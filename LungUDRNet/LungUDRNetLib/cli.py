@@ -1,8 +1,9 @@
 """The ``lungudrnet`` command line: ``register``, ``demo`` and ``lung-mask``; the trainer and the bench add theirs.
 
 Exit status: 0 on success; on a problem the user can fix, one line naming the
-input and what is wrong, and the status of the error class (2 input/model/
-device, 3 output, 4 resources, 130 interrupted by Ctrl-C or SIGTERM).
+input and what is wrong, and the status of the error class (1 some pairs of a
+cohort failed, 2 input/model/device, 3 output, 4 resources, 130 interrupted
+by Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -53,11 +54,18 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def add_register_parser(subparsers) -> None:
-    parser = subparsers.add_parser("register", help="register a moving CT onto a fixed CT")
-    parser.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA or DICOM folder)")
-    parser.add_argument("--moving", required=True, help="moving image, resampled onto the fixed grid")
+    parser = subparsers.add_parser("register", help="register a moving CT onto a fixed CT, or every pair of a "
+                                                    "pairs CSV")
+    parser.add_argument("--fixed", help="fixed image (NIfTI, NRRD, MHA or DICOM folder); needed unless --pairs")
+    parser.add_argument("--moving", help="moving image, resampled onto the fixed grid; needed unless --pairs")
+    parser.add_argument("--pairs", metavar="CSV",
+                        help="register a cohort instead of one pair: every row of this CSV (columns fixed, moving, "
+                             "optional fixed_mask, moving_mask, fixed_points, moving_points, name; paths relative "
+                             "to the CSV's folder), one subfolder of --out per pair and a summary.csv; pairs "
+                             "already done are skipped; under torchrun each process does its share")
     parser.add_argument("--out", required=True, help="output folder for warped.nii.gz, displacement.nii.gz, "
-                                                     "metrics.json")
+                                                     "metrics.json (with --pairs: a subfolder per pair and "
+                                                     "summary.csv)")
     parser.add_argument("--model", help="checkpoint (.pt) or training run folder; default: bundled weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid; default: an "
@@ -83,11 +91,42 @@ def add_register_parser(subparsers) -> None:
                         help="skip the affine pre-alignment (the network alone, as in the paper); by default the "
                              "result keeps whichever of identity, affine, network and affine + network is most "
                              "similar in the lungs")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
-    parser.set_defaults(run=run_register)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files (with --pairs: "
+                                                                 "redo every pair)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="with --pairs: register N pairs at a time in worker processes, each with 1/N of the "
+                             "CPU threads; 1 = in this process")
+    parser.set_defaults(run=run_register, register_parser=parser)
+
+
+def _check_register_mode(args: argparse.Namespace) -> None:
+    """One pair (--fixed and --moving) or a cohort (--pairs), with the options of that mode; else a usage error."""
+    parser = args.register_parser
+    if args.pairs is not None:
+        given = [option for option, value in (("--fixed", args.fixed), ("--moving", args.moving)) if value]
+        if given:
+            parser.error(f"--pairs registers the pairs of a CSV; leave out {' and '.join(given)}")
+        one_pair = [option for option, value in (("--fixed-mask", args.fixed_mask),
+                                                   ("--moving-mask", args.moving_mask),
+                                                   ("--fixed-series", args.fixed_series),
+                                                   ("--moving-series", args.moving_series)) if value]
+        if one_pair:
+            parser.error(f"{one_pair[0]} is for one pair; with --pairs give masks in the CSV's fixed_mask and "
+                         "moving_mask columns")
+        if args.jobs < 1:
+            parser.error(f"--jobs must be at least 1, not {args.jobs}")
+        return
+    missing = [option for option, value in (("--fixed", args.fixed), ("--moving", args.moving)) if not value]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --pairs CSV for a cohort)")
+    if args.jobs != 1:
+        parser.error("--jobs is for a cohort (--pairs)")
 
 
 def run_register(args: argparse.Namespace) -> None:
+    _check_register_mode(args)
+    if args.pairs is not None:
+        return _run_cohort(args)
     from .checkpoint import load_model
     from .io import read_image, read_image_header
     from .outputs import check_output_dir
@@ -113,6 +152,20 @@ def run_register(args: argparse.Namespace) -> None:
     written = result.save(out_dir, overwrite=args.overwrite, displacement_grid=args.displacement_grid, metrics=report)
     progress_events.emit("result", paths={name: str(path) for name, path in written.items()})
     _print_summary(report, out_dir)
+
+
+def _run_cohort(args: argparse.Namespace) -> None:
+    from .cohort import CohortError, Options, run_cohort
+
+    options = Options(model=args.model, device=args.device, max_memory=args.max_memory,
+                      refine_steps=args.refine_steps, affine=args.affine, displacement_grid=args.displacement_grid)
+    outcome = run_cohort(args.pairs, args.out, options, jobs=args.jobs, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    if outcome.summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    if outcome.failed:
+        raise CohortError(outcome.message())
+    print(outcome.message())
 
 
 def _print_progress(fraction: float, message: str) -> None:

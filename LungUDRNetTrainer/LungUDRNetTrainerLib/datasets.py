@@ -13,40 +13,31 @@ Pairs follow the challenge's convention: ``fixed`` = ``_0000`` (inspiration),
 ``moving`` = ``_0001`` (expiration) of the same case, unless the JSON lists
 the pairs itself. Without any JSON the ``imagesTr`` folder is paired by name.
 
-Pairs CSV: a header ``fixed,moving[,fixed_mask,moving_mask,fixed_points,moving_points][,split][,name]
-[,true_displacement]`` (or the first two to six columns without a header); paths relative to the
-CSV's folder; ``split`` is ``train``, ``val`` or ``test`` (default ``train``);
-``true_displacement`` is a known pull field (LPS mm on the fixed grid, as
-``register`` writes) for the trainer's optional supervised term.
+Pairs CSV: read by :mod:`LungUDRNetLib.pairs_csv` (columns, paths relative to
+the CSV's folder, ``split`` train/val/test, ``true_displacement`` for the
+trainer's optional supervised term), the same reader as ``lungudrnet register --pairs``.
 
 Point files are voxel indices x, y, z (x = first image axis) in CSV, as in
-Learn2Reg, or elastix ``point`` files (LPS mm) / ``index`` files (voxels).
+Learn2Reg, or elastix ``point`` files (LPS mm) / ``index`` files (voxels)
+(:func:`LungUDRNetLib.pairs_csv.read_points_lps`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
 from LungUDRNetLib.errors import InputError
-from LungUDRNetLib.geometry import index_to_points
-from LungUDRNetLib.io import IMAGE_SUFFIXES, read_points
+from LungUDRNetLib.pairs_csv import (CASE_PHASE, CSV_COLUMNS, EXTRA_CSV_COLUMNS, FILE_COLUMNS, SPLITS,  # noqa: F401
+                                     image_stem, pair_name, read_pairs_csv, read_points_lps)
+from LungUDRNetLib.pairs_csv import resolve_path as _resolve
 
-SPLITS = ("train", "val", "test")
-CSV_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
-EXTRA_CSV_COLUMNS = ("split", "name", "true_displacement")  # by header only
 POINT_KINDS = ("keypoints", "landmarks")
 FIXED_PHASE, MOVING_PHASE = 0, 1
 MAX_LISTED = 5  # missing files named in one error message
-_CASE_PHASE = re.compile(r"^(?P<case>.+)_(?P<phase>\d{4})$")
 
 
 @dataclass(frozen=True)
@@ -64,13 +55,6 @@ class PairRecord:
     moving_mask: Path | None = None
     points: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     true_displacement: Path | None = None
-
-
-def image_stem(path: Path) -> str:
-    """File name without its image suffix: ``LungCT_0001_0000.nii.gz`` -> ``LungCT_0001_0000``."""
-    name = path.name
-    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    return name[: len(name) - len(suffix)]
 
 
 def _companion(image: Path, kind: str, suffix: str | None = None) -> Path | None:
@@ -101,14 +85,6 @@ def learn2reg_pair(fixed: Path, moving: Path, mask_of: dict[Path, Path] | None =
     )
 
 
-def pair_name(fixed: Path, moving: Path) -> str:
-    """The case name when both images are phases of one case (``LungCT_0001``), else ``fixed__moving``."""
-    fixed_match, moving_match = _CASE_PHASE.match(image_stem(fixed)), _CASE_PHASE.match(image_stem(moving))
-    if fixed_match and moving_match and fixed_match["case"] == moving_match["case"]:
-        return fixed_match["case"]
-    return f"{image_stem(fixed)}__{image_stem(moving)}"
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -124,11 +100,6 @@ def _find_one(root: Path, pattern: str, exclude: str | None = None) -> Path | No
     return matches[0] if matches else None
 
 
-def _resolve(root: Path, entry: str) -> Path:
-    """``entry`` (absolute, or relative to ``root`` like ``./imagesTr/X.nii.gz``) as a normalised path."""
-    return Path(os.path.normpath(root / entry))
-
-
 def _pairs_from_entries(root: Path, entries: list[dict], key: str, mask_of: dict[Path, Path]) -> list[PairRecord]:
     try:
         return [learn2reg_pair(_resolve(root, e["fixed"]), _resolve(root, e["moving"]), mask_of)
@@ -142,7 +113,7 @@ def _pairs_by_case(images: list[Path], mask_of: dict[Path, Path], fixed_phase: i
     """Pair ``<case>_<fixed_phase>`` with ``<case>_<moving_phase>`` among ``images``."""
     by_case: dict[str, dict[int, Path]] = {}
     for image in images:
-        match = _CASE_PHASE.match(image_stem(image))
+        match = CASE_PHASE.match(image_stem(image))
         if match:
             by_case.setdefault(match["case"], {})[int(match["phase"])] = image
     return [learn2reg_pair(phases[fixed_phase], phases[moving_phase], mask_of)
@@ -183,35 +154,15 @@ def load_learn2reg(root: str | Path, val_fraction: float = 0.2) -> dict[str, lis
 
 
 def load_pairs_csv(path: str | Path, val_fraction: float = 0.2) -> dict[str, list[PairRecord]]:
-    """The train/val/test pairs listed in a pairs CSV (see the module docstring)."""
-    path = Path(os.path.abspath(path))
-    if not path.is_file():
-        raise InputError(f"pairs file {path}: file not found")
-    rows = [row for row in csv.reader(path.read_text().splitlines()) if any(cell.strip() for cell in row)]
-    if rows and {"fixed", "moving"} <= {cell.strip().lower() for cell in rows[0]}:
-        header, rows = [cell.strip().lower() for cell in rows[0]], rows[1:]
-    else:
-        header = list(CSV_COLUMNS)
-    unknown = set(header) - {*CSV_COLUMNS, *EXTRA_CSV_COLUMNS}
-    if unknown:
-        raise InputError(f"pairs file {path}: unknown columns {sorted(unknown)} (known: {', '.join(CSV_COLUMNS)}, "
-                         f"{', '.join(EXTRA_CSV_COLUMNS)})")
+    """The train/val/test pairs listed in a pairs CSV (:func:`LungUDRNetLib.pairs_csv.read_pairs_csv`)."""
     splits: dict[str, list[PairRecord]] = {split: [] for split in SPLITS}
-    for number, row in enumerate(rows, start=1):
-        cells = {key: value.strip() for key, value in zip(header, row) if value.strip()}
-        if "fixed" not in cells or "moving" not in cells:
-            raise InputError(f"pairs file {path}: row {number} needs a fixed and a moving image")
-        split = cells.get("split", "train").lower()
-        if split not in SPLITS:
-            raise InputError(f"pairs file {path}: row {number} has split {split!r} (use train, val or test)")
-        file = {key: _resolve(path.parent, cells[key]) if key in cells else None
-                for key in (*CSV_COLUMNS, "true_displacement")}
+    for row in read_pairs_csv(path):
+        file = {column: row.files.get(column) for column in FILE_COLUMNS}
         points = {}
         if file["fixed_points"] and file["moving_points"]:
             points["points"] = (file["fixed_points"], file["moving_points"])
-        splits[split].append(PairRecord(
-            name=cells.get("name", pair_name(file["fixed"], file["moving"])),
-            fixed=file["fixed"], moving=file["moving"], fixed_mask=file["fixed_mask"],
+        splits[row.split].append(PairRecord(
+            name=row.name, fixed=file["fixed"], moving=file["moving"], fixed_mask=file["fixed_mask"],
             moving_mask=file["moving_mask"], points=points, true_displacement=file["true_displacement"]))
     return hold_out_validation(splits, val_fraction)
 
@@ -260,14 +211,3 @@ def missing_files(pairs: list[PairRecord], split: str) -> list[str]:
         missing += [f"{split} pair {pair.name}: {what} {file} not found"
                     for what, file in files.items() if file is not None and not Path(file).is_file()]
     return missing
-
-
-def read_points_lps(path: str | Path, image: sitk.Image) -> np.ndarray:
-    """Read a point file as LPS mm (N, 3): voxel x, y, z rows are mapped through ``image``'s geometry;
-    an elastix ``point`` file is already LPS mm."""
-    path = Path(path)
-    points = read_points(path)
-    first = path.read_text().lstrip().split(None, 1)
-    is_world = bool(first) and first[0].lower() == "point"
-    return points if is_world else index_to_points(points, image)
-
