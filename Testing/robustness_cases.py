@@ -3,6 +3,7 @@ checkpoint, DICOM series, checksums, and running Python as an unprivileged user.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -10,6 +11,7 @@ import pkgutil
 import pwd
 import select
 import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -150,3 +152,33 @@ def as_unprivileged_user(function: Callable[[], object]) -> str:
 def array(image: sitk.Image) -> np.ndarray:
     """A copy of the image's voxels (safe to keep after the image is gone)."""
     return sitk.GetArrayFromImage(image)
+
+
+def edited_metaimage(path: Path, image: sitk.Image, **fields: str) -> Path:
+    """``image`` written uncompressed as a MetaImage at ``path``, header fields (e.g. ``TransformMatrix``,
+    ``ElementSpacing``) replaced by the given text, as a hand-edited or broken exporter's file would be."""
+    sitk.WriteImage(image, str(path), False)
+    header, separator, voxels = path.read_bytes().partition(b"ElementDataFile = LOCAL\n")
+    lines = [line for line in header.decode().splitlines()]
+    for key, value in fields.items():
+        lines = [f"{key} = {value}" if line.split(" = ")[0] == key else line for line in lines]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + separator + voxels)
+    return path
+
+
+@contextlib.contextmanager
+def named_pipe(path: Path, timeout_s: float = 20.0):
+    """A FIFO at ``path``; should a reader block on it, it is released (end of file) after ``timeout_s``, so
+    that a regression fails the test instead of hanging it."""
+    os.mkfifo(path)
+
+    def release() -> None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(timeout_s, release)
+    timer.start()
+    try:
+        yield path
+    finally:
+        timer.cancel()

@@ -207,19 +207,54 @@ def test_a_mask_on_another_grid_is_resampled_onto_its_image(tmp_path, capsys):
     assert 0.0 < report["after"]["dice_percent"] <= 100.0
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("empty", r"fixed mask: is empty \(no voxel > 0\)"),
-    ("elsewhere", "fixed mask: does not overlap its image"),
-])
-def test_an_empty_or_misplaced_mask_is_refused(problem, expected):
+def _empty_mask() -> sitk.Image:
+    return lung_mask_phantom(fixed_phantom()) * 0
+
+
+def _faraway_mask() -> sitk.Image:
+    mask = lung_mask_phantom(fixed_phantom())
+    mask.SetOrigin((500.0, 500.0, 500.0))
+    return mask
+
+
+def _faint_mask() -> sitk.Image:
+    return sitk.Cast(lung_mask_phantom(fixed_phantom()), sitk.sitkFloat32) * 0.3
+
+
+EMPTY = (r"is empty \(no voxel above 0.5, the lung threshold\); pass a mask that marks the lungs \(e.g. with 1\), "
+         "or none")
+ELSEWHERE = "does not overlap its image \\(no mask voxel inside it\\); check that the mask belongs to this scan"
+
+
+@pytest.mark.parametrize("make, expected", [(_empty_mask, EMPTY), (_faint_mask, EMPTY), (_faraway_mask, ELSEWHERE)],
+                         ids=["empty", "all-below-threshold", "elsewhere"])
+def test_an_empty_or_misplaced_mask_is_refused_naming_its_file(tmp_path, capsys, make, expected):
+    with pytest.raises(InputError, match=f"^fixed mask: {expected}"):
+        _register(fixed_phantom(), moving_phantom(), fixed_mask=make())
+    files = write_case(tmp_path)
+    mask = write_image(make(), tmp_path / "mask.nii.gz")
+    with pytest.raises(InputError, match=f"^fixed mask {re.escape(str(mask))}: {expected}"):
+        _register(files["fixed"], files["moving"], fixed_mask=mask)
+    assert main(register_args(files, tmp_path / "out", "--fixed-mask", str(mask))) == InputError.exit_code
+    error = capsys.readouterr().err
+    assert re.fullmatch(f"lungudrnet: error: fixed mask {re.escape(str(mask))}: {expected}\n", error), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_float_mask_counts_voxels_above_one_half_as_lung(tmp_path, capsys):
+    """A mask of 0.7 in the lungs (a probability map, an interpolated mask) is the same as one of 1."""
     fixed = fixed_phantom()
-    mask = lung_mask_phantom(fixed)
-    if problem == "empty":
-        mask = mask * 0
-    else:
-        mask.SetOrigin((500.0, 500.0, 500.0))
-    with pytest.raises(InputError, match=expected):
-        _register(fixed, moving_phantom(), fixed_mask=mask)
+    binary = lung_mask_phantom(fixed)
+    fuzzy = sitk.Cast(binary, sitk.sitkFloat32) * 0.7
+    fuzzy_result, binary_result = (_register(fixed, moving_phantom(), fixed_mask=mask) for mask in (fuzzy, binary))
+    np.testing.assert_array_equal(array(fuzzy_result.fixed_mask), array(binary_result.fixed_mask))
+    np.testing.assert_array_equal(array(fuzzy_result.displacement), array(binary_result.displacement))
+    files = write_case(tmp_path)
+    mask = write_image(fuzzy, tmp_path / "fuzzy_mask.nii.gz")
+    assert main(register_args(files, tmp_path / "out", "--fixed-mask", str(mask), "--moving-mask",
+                              str(mask))) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["stages"]["lung_masks"]["fixed"] == "given" and report["after"]["dice_percent"] > 0
 
 
 def test_bad_inputs_leave_every_input_unchanged(tmp_path):

@@ -3,18 +3,23 @@ exits with its status and writes nothing, and a checkpoint that tries to run cod
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from LungUDRNetLib.checkpoint import FORMAT_VERSION, load_model
+from LungUDRNetLib import register
+from LungUDRNetLib.checkpoint import FORMAT_VERSION, load_model, untrained_model
 from LungUDRNetLib.cli import main
 from LungUDRNetLib.errors import ModelError
+from LungUDRNetLib.io import write_json
+from LungUDRNetLib.preprocess import PreprocessConfig
 
-from robustness_cases import checksums, register_args, write_case
+from robustness_cases import TINY_GRID, checksums, register_args, write_case
 
 
 class RunsCode:
@@ -54,6 +59,12 @@ def _preprocessing(**settings):
     return edited
 
 
+def _nan_weights(model: Path) -> Path:
+    def poison(state):
+        next(v for k, v in state["state_dict"].items() if k.endswith("weight"))[0].fill_(float("nan"))
+    return _edited(model, "diverged.pt", poison)
+
+
 def _newer_format(model: Path) -> Path:
     return _edited(model, "newer.pt", lambda state: state.update(format_version=FORMAT_VERSION + 1))
 
@@ -88,7 +99,10 @@ def _refused(files: dict[str, Path], tmp_path: Path, capsys, expected: str) -> N
                                        r"must be > 0 HU \(got 0.0\)\); the file was edited"),
     (_preprocessing(grid_mode="stretch"), r"model .*edited.pt: its preprocessing settings are not valid \(unknown grid "
                                           r"mode 'stretch'"),
-], ids=["missing", "truncated", "other-architecture", "newer-format", "zero-window", "unknown-grid-mode"])
+    (_nan_weights, r"model .*diverged.pt: its weights hold NaN or Inf values \(1 of \d+ tensors, e.g. encoders\.0\.0\."
+                   r"weight\): the training diverged or the file is damaged; use another checkpoint"),
+], ids=["missing", "truncated", "other-architecture", "newer-format", "zero-window", "unknown-grid-mode",
+        "nan-weights"])
 def test_a_bad_model_file_is_refused_by_the_api_and_the_cli(tmp_path, capsys, make, expected):
     files = write_case(tmp_path / "case")
     files["model"] = make(files["model"])
@@ -106,3 +120,23 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tmp_
     # The payload is real: unpickling the file without weights_only runs it.
     torch.load(files["model"], weights_only=False)
     assert marker.exists()
+
+
+def test_a_network_that_predicts_nan_is_refused_and_nothing_is_written(tmp_path):
+    """A network whose weights are not numbers (passed in memory, so never checked as a file) must not give a
+    NaN field: the prediction itself is checked."""
+    files = write_case(tmp_path / "case")
+    net = untrained_model()[0]
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    with pytest.raises(ModelError, match=r"^network: predicted NaN or Inf displacements"):
+        register(files["fixed"], files["moving"], model=net, preprocess=PreprocessConfig(grid_shape=TINY_GRID),
+                 device="cpu")
+
+
+def test_metrics_json_is_strict_json_even_with_nan_values(tmp_path):
+    path = write_json({"after": {"ncc_percent": float("nan"), "tre_mm": [1.0, float("inf")], "n": np.int64(3)},
+                       "scores": (np.float32(-np.inf), np.float64(2.5))}, tmp_path / "metrics.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"after": {"ncc_percent": None, "tre_mm": [1.0, None], "n": 3}, "scores": [None, 2.5]}

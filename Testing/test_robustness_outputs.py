@@ -103,15 +103,9 @@ def large_case(tmp_path_factory) -> dict[str, Path]:
 SIGTERM_MESSAGE = "lungudrnet: error: interrupted by signal SIGTERM; no partial output was kept"
 
 
-@pytest.mark.parametrize("signum, message", [
-    (signal.SIGTERM, SIGTERM_MESSAGE),
-    (signal.SIGINT, "lungudrnet: interrupted; no partial output was kept"),
-], ids=["SIGTERM", "Ctrl-C"])
-def test_a_signal_while_the_results_are_written_leaves_nothing(large_case, tmp_path, signum, message):
-    inputs = large_case["fixed"].parent
-    before = checksums(inputs)
-    out = tmp_path / "results"
-    command = [sys.executable, "-m", "LungUDRNetLib.cli", *register_args(large_case, out)]
+def _writing_run(files: dict[str, Path], out: Path) -> subprocess.Popen:
+    """``lungudrnet register`` in a child process, returned once it is writing its temporary result files."""
+    command = [sys.executable, "-m", "LungUDRNetLib.cli", *register_args(files, out)]
     # Ctrl-C acts as in a terminal even where the tests run in the background (which ignores SIGINT).
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -121,12 +115,35 @@ def test_a_signal_while_the_results_are_written_leaves_nothing(large_case, tmp_p
             process.kill()
             pytest.fail(f"the run ended or stalled before writing its results: {process.communicate()[1]}")
         time.sleep(0.005)
+    return process
+
+
+@pytest.mark.parametrize("signum, message", [
+    (signal.SIGTERM, SIGTERM_MESSAGE),
+    (signal.SIGINT, "lungudrnet: interrupted; no partial output was kept"),
+], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_while_the_results_are_written_leaves_nothing(large_case, tmp_path, signum, message):
+    inputs = large_case["fixed"].parent
+    before = checksums(inputs)
+    out = tmp_path / "results"
+    process = _writing_run(large_case, out)
     process.send_signal(signum)
     _, error = process.communicate(timeout=60)
     assert process.returncode == CancelledError.exit_code == 130, error
     assert error.strip().splitlines()[-1] == message
     assert not out.exists()
     assert checksums(inputs) == before
+
+
+def test_temporaries_left_by_sigkill_are_removed_by_the_next_run(large_case, tmp_path):
+    out = tmp_path / "results"
+    process = _writing_run(large_case, out)
+    process.kill()  # SIGKILL cannot be caught: the temporary files stay
+    process.communicate(timeout=60)
+    assert list(out.glob(".*.part*"))
+    status, error = _cli(register_args(large_case, out))
+    assert status == 0, error
+    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "metrics.json", "warped.nii.gz"]
 
 
 def test_sigterm_while_the_model_loads_is_an_interruption_not_a_bad_model(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import torch
 
 from .voxelmorph_net import is_voxelmorph_config
 from .errors import CancelledError, ModelError
+from .input_files import check_input_path
 from .io import atomic_path
 from .model import UDRNet, UDRNetConfig
 from .preprocess import PreprocessConfig
@@ -42,15 +43,11 @@ def save_checkpoint(path: str | os.PathLike, model: UDRNet, preprocess: Preproce
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint dictionary safely, checking its format version."""
-    path = Path(path)
+    path = check_input_path(path, "model", folder=True, error=ModelError)
     if path.is_dir():
-        if not (path / "best.pt").is_file():
+        if not os.path.lexists(path / "best.pt"):
             raise ModelError(f"model {path}: folder holds no best.pt; pass a checkpoint file or a training run folder")
-        path = path / "best.pt"
-    if not path.is_file():
-        raise ModelError(f"model {path}: file not found")
-    if not os.access(path, os.R_OK):
-        raise ModelError(f"model {path}: permission denied (not readable); check the file's permissions")
+        path = check_input_path(path / "best.pt", "model", error=ModelError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except CancelledError:  # SIGTERM while loading: not a problem of the file
@@ -107,9 +104,21 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, Preproces
         raise ModelError(f"model {path}: weights do not match its architecture config ({reason[:200].rstrip('.')}); "
                          "the file was edited or mixes two models: use a checkpoint as `lungudrnet train` saved it"
                          ) from None
+    check_finite_weights(state["state_dict"], f"model {path}")
     metadata = dict(state.get("metadata", {}))
     metadata.setdefault("path", str(path))
     return model.eval(), preprocess, metadata
+
+
+def check_finite_weights(state_dict: dict, where: str) -> None:
+    """Raise :class:`ModelError` naming ``where`` if a weight tensor holds NaN or Inf values."""
+    tensors = [(name, value) for name, value in state_dict.items()
+               if torch.is_tensor(value) and value.is_floating_point()]
+    bad = [name for name, value in tensors if not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ModelError(f"{where}: its weights hold NaN or Inf values ({len(bad)} of {len(tensors)} tensors, e.g. "
+                         f"{bad[0]}): the training diverged or the file is damaged; use another checkpoint (e.g. the "
+                         "run's best.pt, or the bundled weights)")
 
 
 def untrained_model(preprocess: PreprocessConfig | None = None) -> tuple[UDRNet, PreprocessConfig, dict]:

@@ -68,7 +68,8 @@ def add_register_parser(subparsers) -> None:
                                                      "summary.csv)")
     parser.add_argument("--model", help="checkpoint (.pt) or training run folder; default: bundled weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--fixed-mask", help="lung mask of the fixed image (focuses the network grid; default: an "
+    parser.add_argument("--fixed-mask", help="lung mask of the fixed image (voxels above 0.5 are lung; focuses the "
+                                             "network grid; default: an "
                                              "automatic one, as `lungudrnet lung-mask` writes)")
     parser.add_argument("--moving-mask", help="lung mask of the moving image (affine pre-alignment, lung Dice; "
                                               "default: an automatic one)")
@@ -143,7 +144,7 @@ def run_register(args: argparse.Namespace) -> None:
     check_register_memory(headers, model[0], model[1], args.max_memory, report=True, refine=args.refine_steps > 0)
     images = {what: read_image(path, what, series.get(what)) for what, path in paths.items()}
     fixed, moving = images["fixed image"], images["moving image"]
-    masks = {what: mask_on_image_grid(images[what], image, what)
+    masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
              for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
     result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
                       moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
@@ -223,6 +224,14 @@ def command_plugins(extra_commands: Iterable[AddParsers] = ()) -> list[AddParser
     return list(plugins.values())
 
 
+def show_library_warnings(show: bool) -> None:
+    """Whether ITK (and through it GDCM) print their multi-line warnings to stderr; off unless -v, so that a
+    problem shows as the command's one line."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(bool(show))
+
+
 def _raise_cancelled(signum, frame) -> None:
     raise CancelledError(f"interrupted by signal {signal.Signals(signum).name}; no partial output was kept")
 
@@ -236,6 +245,7 @@ def main(argv: list[str] | None = None, extra_commands: Iterable[AddParsers] = (
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_cancelled)
+    show_library_warnings(args.verbose)
     if not args.progress_json:
         return _run(args)
     with progress_events.channel_on(sys.stdout), contextlib.redirect_stdout(sys.stderr):

@@ -8,6 +8,8 @@ failed. ``OUT/summary.csv`` has one row per pair (:data:`SUMMARY_COLUMNS`).
 * Resume: a pair whose folder holds all result files, a valid ``metrics.json``
   of this row and no ``error.json`` is skipped; any other is (re)done.
 * A failing pair is recorded and the others go on.
+* One run at a time: ``OUT`` is locked (:func:`.output_folder.output_lock`); a
+  second run into it is refused while the first runs.
 * ``jobs`` > 1: that many worker processes ("spawn"), each with
   max(1, CPUs // jobs) torch threads.
 * Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): pair i is
@@ -35,6 +37,7 @@ from pathlib import Path
 from . import progress_events
 from .errors import CancelledError, InputError, LungUDRNetError
 from .io import atomic_path, write_json
+from .output_folder import output_lock
 from .pairs_csv import PairRow, pair_name, read_pairs_csv, read_points_lps
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,13 @@ def run_cohort(pairs_file: str | os.PathLike, out_dir: str | os.PathLike, option
     model = load_model(options.model)
     if ranks.distributed:
         return _run_rank(tasks, ranks, options, model, jobs, overwrite, progress)
+    with output_lock(out_dir):
+        return _run_here(tasks, out_dir, options, model, jobs, overwrite, progress)
+
+
+def _run_here(tasks: list[Task], out_dir: Path, options: Options, model: tuple, jobs: int, overwrite: bool,
+              progress: bool) -> Outcome:
+    """All ``tasks`` in this process (and its workers), the summary rewritten after each pair."""
     summary = out_dir / SUMMARY_FILE
     results: dict[int, dict] = {}
     todo = []
@@ -293,7 +303,10 @@ _worker: dict = {}  # the options and model of this worker process
 def _start_worker(options: Options, threads: int, level: int) -> None:
     import torch
 
+    from .cli import show_library_warnings
+
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    show_library_warnings(level <= logging.DEBUG)
     torch.set_num_threads(threads)
     _worker.update(options=options, model=_load(options))
 
@@ -350,7 +363,7 @@ def _register(task: Task, options: Options, model: tuple) -> dict:
                           refine=options.refine_steps > 0)
     images = {what: read_image(path, what) for what, path in paths.items()}
     fixed, moving = images["fixed image"], images["moving image"]
-    masks = {what: mask_on_image_grid(images[what], image, what)
+    masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
              for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
     points = _points(row, fixed, moving)
     result = register(fixed, moving, model=model, device=options.device, fixed_mask=masks.get("fixed mask"),

@@ -1,8 +1,10 @@
 """Reading and writing images, displacement fields, points and reports.
 
 Readers check what they read and raise :class:`~.errors.InputError` naming the
-file and the problem: missing, unreadable, not an image, truncated, not a 3D
-scalar volume, an ambiguous DICOM folder. Every ``write_*`` function is
+file and the problem: missing, unreadable, not a regular file (:mod:`.input_files`),
+not an image, truncated (:mod:`.nifti_checks`), not a 3D real scalar volume, a
+grid that cannot be written back (:mod:`.grid_check`), an ambiguous DICOM
+folder. Every ``write_*`` function is
 atomic: it writes a temporary file beside the target and renames it into
 place, so a crash, a full disk or Ctrl-C never leaves a partial output
 (:func:`atomic_paths` does the same for several files at once).
@@ -12,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import json
+import math
 import os
 import re
 import secrets
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,9 +27,14 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CancelledError, InputError, OutputError
+from .errors import InputError, OutputError
 from .geometry import index_to_ras_matrix, lps_to_ras
+from .grid_check import check_grid
+from .input_files import check_folder_entries, check_input_path
+from .nifti_checks import CONVERT_NIFTI2, is_nifti2, restore_non_finite, scan_voxels
+from .output_folder import temporary_path
 
+COMPLEX_PIXEL_IDS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_INTENT_DISPVECT = 1006
 MIN_AXIS_VOXELS = 2  # fewer voxels along an axis is a slice, not a volume
@@ -43,6 +49,7 @@ class ImageHeader:
     size: tuple[int, ...]
     components: int = 1
     component_bytes: int = 4
+    complex_values: bool = False
 
     @property
     def voxels(self) -> int:
@@ -57,7 +64,8 @@ class ImageHeader:
     @classmethod
     def of(cls, image: sitk.Image) -> "ImageHeader":
         """The header of an image in memory."""
-        return cls(tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel(), image.GetSizeOfPixelComponent())
+        return cls(tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel(), image.GetSizeOfPixelComponent(),
+                   image.GetPixelID() in COMPLEX_PIXEL_IDS)
 
 
 def _suffix(path: Path) -> str:
@@ -76,12 +84,14 @@ def read_image(path: str | os.PathLike, what: str = "image", series_uid: str | N
     path = Path(path)
     files = _image_files(path, what, series_uid)
     _read_header(files, path, what)
-    if _suffix(path) in (".nii", ".nii.gz") and not _nifti_data_complete(path):
+    scan = scan_voxels(path) if _is_nifti(path) else None
+    if scan is not None and not scan.complete:
         raise InputError(f"{what} {path}: {TRUNCATED}")
     try:
-        return sitk.ReadImage(files if path.is_dir() else files[0])
+        image = sitk.ReadImage(files if path.is_dir() else files[0])
     except RuntimeError:
         raise InputError(f"{what} {path}: {TRUNCATED}") from None
+    return restore_non_finite(image, path) if scan is not None and scan.non_finite else image
 
 
 def read_image_header(path: str | os.PathLike, what: str = "image", series_uid: str | None = None) -> ImageHeader:
@@ -90,13 +100,17 @@ def read_image_header(path: str | os.PathLike, what: str = "image", series_uid: 
     return _read_header(_image_files(path, what, series_uid), path, what)
 
 
+def _is_nifti(path: Path) -> bool:
+    return _suffix(path) in (".nii", ".nii.gz")
+
+
 def _image_files(path: Path, what: str, series_uid: str | None) -> list[str]:
     """The file(s) holding the image: ``[path]``, or the slices of one DICOM series of the folder."""
-    if not path.exists():
-        raise InputError(f"{what} {path}: file not found")
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise InputError(f"{what} {path}: permission denied (not readable); check the file's permissions")
-    return _dicom_series_files(path, what, series_uid) if path.is_dir() else [str(path)]
+    check_input_path(path, what, folder=True)
+    if not path.is_dir():
+        return [str(path)]
+    check_folder_entries(path, what)
+    return _dicom_series_files(path, what, series_uid)
 
 
 def _dicom_series_files(folder: Path, what: str, series_uid: str | None) -> list[str]:
@@ -122,11 +136,18 @@ def _read_header(files: list[str], path: Path, what: str) -> ImageHeader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
+        if _is_nifti(path) and is_nifti2(path):
+            raise InputError(f"{what} {path}: is a NIfTI-2 file; {CONVERT_NIFTI2}") from None
         raise InputError(f"{what} {path}: cannot be read as an image ({_itk_reason(error)})") from None
     size = reader.GetSize() if len(files) == 1 else (*reader.GetSize()[:2], len(files))
-    component_bytes = sitk.Image([1] * 3, reader.GetPixelID(), reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
-    header = ImageHeader(tuple(size), reader.GetNumberOfComponents(), component_bytes)
+    if reader.GetPixelID() in COMPLEX_PIXEL_IDS:
+        header = ImageHeader(tuple(size), complex_values=True)
+    else:
+        component_bytes = sitk.Image([1] * 3, reader.GetPixelID(),
+                                     reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
+        header = ImageHeader(tuple(size), reader.GetNumberOfComponents(), component_bytes)
     check_header(header, f"{what} {path}")
+    check_grid(reader.GetSpacing(), reader.GetDirection(), reader.GetOrigin(), f"{what} {path}")
     return header
 
 
@@ -139,44 +160,11 @@ def _itk_reason(error: RuntimeError) -> str:
     return re.sub(r"^(sitk::ERROR: |ITK ERROR: \w+\(0x[0-9a-fA-F]+\): )", "", reason)
 
 
-def _nifti_data_complete(path: Path) -> bool:
-    """Whether a NIfTI file holds all the voxel bytes its header promises.
-
-    ITK reads a truncated NIfTI file without complaint (the missing voxels
-    become 0), so this is checked first: the uncompressed size must reach the
-    end of the voxel data. For ``.nii.gz`` the gzip trailer (uncompressed size
-    modulo 2^32) answers at once; otherwise the stream is decompressed and counted.
-    """
-    try:
-        proxy = nib.load(str(path)).dataobj
-    except CancelledError:  # SIGTERM while reading: not a problem of the file
-        raise
-    except Exception:  # nibabel's many header errors; ITK read the header, so the data are what is in question
-        return False
-    needed = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
-    if _suffix(path) == ".nii":
-        return path.stat().st_size >= needed
-    with path.open("rb") as handle:
-        handle.seek(-4, os.SEEK_END)
-        if int.from_bytes(handle.read(4), "little") == needed % 2 ** 32:
-            return True
-    return _gunzipped_size(path) >= needed
-
-
-def _gunzipped_size(path: Path) -> int:
-    """Uncompressed bytes of a gzip file (all members), or -1 if the stream is truncated or corrupt."""
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 22):
-                total += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        return -1
-    return total
-
-
 def check_header(header: ImageHeader, what: str) -> None:
-    """Raise :class:`InputError` unless the image is 3D, scalar and at least 2 voxels along every axis."""
+    """Raise :class:`InputError` unless the image is 3D, real, scalar and at least 2 voxels along every axis."""
+    if header.complex_values:
+        raise InputError(f"{what}: holds complex values (e.g. MR k-space or phase data); a real-valued CT image in "
+                         "HU is needed")
     if len(header.size) != 3:
         raise InputError(f"{what}: is {len(header.size)}D, a 3D image is needed")
     if header.components != 1:
@@ -188,8 +176,10 @@ def check_header(header: ImageHeader, what: str) -> None:
 
 
 def check_scalar_3d(image: sitk.Image, what: str) -> None:
-    """Raise :class:`InputError` unless ``image`` is a 3D single-component volume (see :func:`check_header`)."""
+    """Raise :class:`InputError` unless ``image`` is a 3D real single-component volume (see :func:`check_header`)
+    on a usable grid (:func:`.grid_check.check_grid`)."""
     check_header(ImageHeader.of(image), what)
+    check_grid(image.GetSpacing(), image.GetDirection(), image.GetOrigin(), what)
 
 
 @contextlib.contextmanager
@@ -210,7 +200,7 @@ def atomic_paths(targets: Sequence[str | os.PathLike], overwrite: bool = True) -
     where = targets[0] if len(targets) == 1 else targets[0].parent
     # Every name is known before any file exists, so a signal at any point leaves nothing unlisted behind.
     token = secrets.token_hex(6)
-    temporaries = [target.parent / f".{target.name}.{token}.part{_suffix(target)}" for target in targets]
+    temporaries = [temporary_path(target, _suffix(target), token) for target in targets]
     try:
         for temporary in temporaries:
             temporary.touch(exist_ok=False)  # the usual permissions (umask)
@@ -299,9 +289,7 @@ def _save_nifti_field(field: sitk.Image, path: Path) -> None:
 
 def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
     """Read a displacement field file as a VectorFloat64 LPS-mm image."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"displacement field {path}: file not found")
+    path = check_input_path(path, "displacement field")
     try:
         field = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
     except RuntimeError:
@@ -330,8 +318,21 @@ def write_json(data: dict, path: str | os.PathLike, overwrite: bool = True) -> P
 
 
 def save_json(data: dict, path: Path) -> None:
-    """Write ``data`` as indented JSON, not atomically (see :func:`write_json`)."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write ``data`` as indented strict JSON (NaN and Inf as null), not atomically (see :func:`write_json`)."""
+    path.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float (also numpy's) replaced by None, which JSON can hold."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:
@@ -340,9 +341,7 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
     The numbers are returned as stored; whether they are voxel indices or
     millimetres is up to the file's source (see the callers).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"point file {path}: file not found")
+    path = check_input_path(path, "point file")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if lines and lines[0].lower() in ("point", "index"):
         lines = lines[2:]

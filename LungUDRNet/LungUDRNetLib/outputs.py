@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from .errors import OutputError
+from .input_files import NAME_MAX
 from .io import atomic_paths, save_displacement_field, save_image, save_json
+from .output_folder import output_lock
 from .registration import RegistrationResult
 
 IMAGE_FILES = ("warped.nii.gz", "displacement.nii.gz")
@@ -20,9 +22,9 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
     """Refuse result files ``names`` that exist (unless ``overwrite``), that would replace an input, or that
     cannot be written (the folder, or its nearest existing parent, is not writable); creates nothing."""
     out_dir = Path(out_dir)
-    targets = [(out_dir / name).resolve() for name in names]
+    targets = [Path(os.path.realpath(out_dir / name)) for name in names]
     for source in inputs:
-        if source is not None and Path(source).resolve() in targets:
+        if source is not None and Path(os.path.realpath(source)) in targets:
             raise OutputError(f"output {source}: is also an input; choose another --out folder")
     try:
         existing = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.exists())
@@ -30,6 +32,11 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
     except PermissionError as error:  # a folder on the way cannot be entered
         raise OutputError(f"output folder {out_dir}: permission denied ({error.filename}); "
                           "choose another --out folder") from None
+    except OSError as error:
+        longest = max(len(part.encode()) for part in out_dir.parts)
+        reason = (f"a name is too long ({longest} bytes; file systems allow {NAME_MAX})" if longest > NAME_MAX
+                  else error.strerror or str(error))
+        raise OutputError(f"output folder {out_dir}: cannot be used: {reason}; choose another --out folder") from None
     if taken and not overwrite:
         raise OutputError(f"output {taken[0]}: already exists (use --overwrite to replace it)")
     if not existing.is_dir():
@@ -45,7 +52,8 @@ def write_result(result: RegistrationResult, report: dict | None, out_dir: str |
                  displacement_grid: str = "fixed", overwrite: bool = False) -> dict[str, Path]:
     """Write warped image, displacement field and (unless ``report`` is None) metrics; on failure none of
     them is left behind, nor the folders this call created. Existing files are refused unless ``overwrite``
-    (see :func:`check_output_dir`).
+    (see :func:`check_output_dir`), also those another run wrote meanwhile: the folder is locked while
+    writing (:func:`.output_folder.output_lock`; a run writing there at the same time is refused).
 
     ``displacement_grid``: ``"fixed"`` writes ``result.displacement`` (the fixed
     image's grid), ``"native"`` ``result.native_displacement`` (the network's
@@ -65,11 +73,13 @@ def write_result(result: RegistrationResult, report: dict | None, out_dir: str |
         raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
     paths = {name: out_dir / name for name in names}
     try:
-        with atomic_paths(list(paths.values())) as (warped, displacement, *metrics):
-            save_image(result.warped, warped)
-            save_displacement_field(field, displacement)
-            if metrics:
-                save_json(report, metrics[0])
+        with output_lock(out_dir):
+            check_output_dir(out_dir, [], overwrite, names)  # again: another run may have finished meanwhile
+            with atomic_paths(list(paths.values())) as (warped, displacement, *metrics):
+                save_image(result.warped, warped)
+                save_displacement_field(field, displacement)
+                if metrics:
+                    save_json(report, metrics[0])
     except BaseException:
         for folder in created:  # deepest first
             with contextlib.suppress(OSError):

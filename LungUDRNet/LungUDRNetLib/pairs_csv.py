@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import index_to_points
+from .input_files import check_input_path
 from .io import IMAGE_SUFFIXES, read_points
 
 SPLITS = ("train", "val", "test")
@@ -63,17 +64,15 @@ class PairRow:
                                                                                     else "")
 
     def missing_files(self) -> list[str]:
-        """One message per file of this row that does not exist."""
+        """One message per file of this row that does not exist (what kind of file it is, the readers check)."""
         return [f"{self.where(column)}: file {path} not found" for column, path in self.files.items()
-                if not path.is_file() and not (column in ("fixed", "moving") and path.is_dir())]  # DICOM folders
+                if not os.path.lexists(path)]
 
 
 def read_pairs_csv(path: str | os.PathLike) -> list[PairRow]:
     """The rows of a pairs CSV (see the module docstring), checked: columns known, a fixed and a moving
     image in every row, a valid split. Whether the files exist is not checked (:meth:`PairRow.missing_files`)."""
-    path = Path(os.path.abspath(path))
-    if not path.is_file():
-        raise InputError(f"pairs file {path}: file not found")
+    path = check_input_path(os.path.abspath(path), "pairs file")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)

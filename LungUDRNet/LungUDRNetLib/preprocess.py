@@ -26,6 +26,7 @@ Grid modes:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,12 +34,14 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import covering_grid, direction_matrix, lps_bounds, resample_field, voxel_flow_to_field
+from .io import read_image
 
 log = logging.getLogger(__name__)
 
 CT_AIR_RANGE_HU = (-3100.0, -500.0)  # where a CT's minimum lies (air, padding)
 CT_MAX_HU = 40000.0  # far above dense metal
 GRID_MODES = ("fit", "canonical", "crop")
+MASK_THRESHOLD = 0.5  # mask voxels above it are lung
 
 
 @dataclass(frozen=True)
@@ -134,21 +137,37 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool
         for getter in (sitk.Image.GetOrigin, sitk.Image.GetSpacing, sitk.Image.GetDirection))
 
 
-def mask_on_image_grid(mask: sitk.Image, image: sitk.Image, what: str) -> sitk.Image:
-    """``mask`` on ``image``'s grid: resampled (nearest neighbour) if their geometries differ.
+def binary_mask(mask: sitk.Image) -> sitk.Image:
+    """``mask`` as 0/1 UInt8: voxels above :data:`MASK_THRESHOLD` are lung (labels 1, 2, ... and
+    probabilities above 0.5; 0.3 is not lung, 0.7 is)."""
+    binary = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(mask) > MASK_THRESHOLD).astype(np.uint8))
+    binary.CopyInformation(mask)
+    return binary
 
-    Raises :class:`InputError` if the mask is empty or does not overlap the image.
+
+def mask_on_image_grid(mask: sitk.Image, image: sitk.Image, what: str) -> sitk.Image:
+    """``mask`` as a 0/1 mask (:func:`binary_mask`) on ``image``'s grid: resampled (nearest neighbour) if
+    their geometries differ.
+
+    Raises :class:`InputError` naming ``what`` if the mask is empty or does not overlap the image.
     """
-    if not np.any(sitk.GetArrayViewFromImage(mask) > 0):
-        raise InputError(f"{what}: is empty (no voxel > 0); pass a mask that marks the lungs, or none")
+    mask = binary_mask(mask)
+    if not np.any(sitk.GetArrayViewFromImage(mask)):
+        raise InputError(f"{what}: is empty (no voxel above {MASK_THRESHOLD:g}, the lung threshold); pass a mask "
+                         "that marks the lungs (e.g. with 1), or none")
     if same_geometry(mask, image):
         return mask
     log.info("%s: its grid differs from its image's; resampled onto the image's grid", what)
     mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
-    if not np.any(sitk.GetArrayViewFromImage(mask) > 0):
+    if not np.any(sitk.GetArrayViewFromImage(mask)):
         raise InputError(f"{what}: does not overlap its image (no mask voxel inside it); check that the mask "
                          "belongs to this scan")
     return mask
+
+
+def read_mask(path: str | os.PathLike, image: sitk.Image, what: str) -> sitk.Image:
+    """The lung mask file ``path`` on ``image``'s grid (:func:`mask_on_image_grid`); messages name the file."""
+    return mask_on_image_grid(read_image(path, what), image, f"{what} {path}")
 
 
 def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:

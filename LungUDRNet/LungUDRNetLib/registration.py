@@ -24,7 +24,7 @@ import torch
 
 from .affine import prealign
 from .checkpoint import load_model
-from .errors import DeviceError, InputError, ResourceError
+from .errors import DeviceError, InputError, ModelError, ResourceError
 from .geometry import (affine_points, bounds_overlap, compose_affine, describe_bounds, field_to_transform,
                        flow_on_grid, resample_field, voxel_flow_to_field, warp_image)
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
@@ -32,7 +32,7 @@ from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
 from .model import UDRNet
 from .preprocess import (PreprocessConfig, flow_to_native_field, mask_on_image_grid, normalise_ct, prepare_pair,
-                         replace_non_finite, to_grid, warn_if_not_ct)
+                         read_mask, replace_non_finite, to_grid, warn_if_not_ct)
 from .refine import finer_config, refine_two_levels
 from .stage_choice import Candidate, StageScore, choose, grid_points
 from .warp import warp
@@ -83,8 +83,8 @@ class RegistrationResult:
         after registration, lung Dice, Jacobian statistics, kept stage, runtime and device.
 
         ``fixed`` and ``moving`` are the scans given to :func:`register` (images
-        or file paths). The lung masks (on their scan's grid) default to those the
-        registration used; points (N, 3, LPS mm, row i of ``fixed_points``
+        or file paths). The lung masks (images or files; voxels above 0.5 are
+        lung) default to those the registration used; points (N, 3, LPS mm, row i of ``fixed_points``
         corresponding to row i of ``moving_points``) add the TRE. The keys are
         those of :func:`.report.registration_report`.
         """
@@ -92,6 +92,7 @@ class RegistrationResult:
 
         fixed = fixed if isinstance(fixed, sitk.Image) else read_image(fixed, "fixed image")
         moving = moving if isinstance(moving, sitk.Image) else read_image(moving, "moving image")
+        fixed_mask, moving_mask = _mask(fixed_mask, fixed, "fixed mask"), _mask(moving_mask, moving, "moving mask")
         return registration_report(fixed, moving, self, fixed_mask, moving_mask, fixed_points, moving_points)
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False, displacement_grid: str = "fixed",
@@ -153,7 +154,11 @@ def _forward(model: torch.nn.Module, fixed: np.ndarray, moving: np.ndarray, devi
         fixed_t = torch.from_numpy(fixed)[None, None].to(device)
         moving_t = torch.from_numpy(moving)[None, None].to(device)
         flow = model(moving_t, fixed_t)
-    return flow[0].float().cpu().numpy()
+    flow = flow[0].float().cpu().numpy()
+    if not np.isfinite(flow).all():
+        raise ModelError("network: predicted NaN or Inf displacements (its weights or this input make it "
+                         "diverge); use another checkpoint, e.g. the bundled weights")
+    return flow
 
 
 def _resolve_model(model, preprocess: PreprocessConfig | None) -> tuple[UDRNet, PreprocessConfig, dict]:
@@ -182,10 +187,12 @@ def _ct_image(value, what: str) -> sitk.Image:
 
 
 def _mask(value, image: sitk.Image, what: str) -> sitk.Image | None:
-    """An optional mask input on its image's grid (see :func:`mask_on_image_grid`)."""
+    """An optional mask input (image or file) as a 0/1 mask on its image's grid (see :func:`mask_on_image_grid`)."""
     if value is None:
         return None
-    return mask_on_image_grid(value if isinstance(value, sitk.Image) else read_image(value, what), image, what)
+    if isinstance(value, sitk.Image):
+        return mask_on_image_grid(value, image, what)
+    return read_mask(value, image, what)
 
 
 def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
