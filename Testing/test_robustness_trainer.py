@@ -182,3 +182,17 @@ def test_resume_without_a_loadable_checkpoint_is_a_clear_error(toy, tmp_path, ca
     assert f"there is no loadable {PREVIOUS_LAST} to resume from either" in error
     assert "start a new run with another --out" in error
     assert checksums(run_dir) == before  # nothing rewritten, not even config.yaml
+
+
+def test_init_weights_holding_nan_are_refused_before_the_run_folder_is_made(toy, tmp_path):
+    from LungUDRNetLib.checkpoint import save_checkpoint
+    from LungUDRNetTrainerLib.training import build_network
+
+    config = smoke(toy)
+    net = build_network(config.model_config())
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    weights = save_checkpoint(tmp_path / "diverged.pt", net, config.preprocess_config())
+    with pytest.raises(ModelError, match=rf"^init weights {weights}: its weights hold NaN or Inf values \(1 of "):
+        train(smoke(toy, init_weights=str(weights)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

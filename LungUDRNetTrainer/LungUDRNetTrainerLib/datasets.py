@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from LungUDRNetLib.errors import InputError
+from LungUDRNetLib.input_files import check_input_path
 from LungUDRNetLib.pairs_csv import (CASE_PHASE, CSV_COLUMNS, EXTRA_CSV_COLUMNS, FILE_COLUMNS, SPLITS,  # noqa: F401
                                      image_stem, pair_name, read_pairs_csv, read_points_lps)
 from LungUDRNetLib.pairs_csv import resolve_path as _resolve
@@ -86,6 +87,7 @@ def learn2reg_pair(fixed: Path, moving: Path, mask_of: dict[Path, Path] | None =
 
 
 def _read_json(path: Path) -> dict:
+    check_input_path(path, "dataset")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -209,5 +211,5 @@ def missing_files(pairs: list[PairRecord], split: str) -> list[str]:
         files.update({f"{kind} ({side})": p for kind, both in pair.points.items()
                       for side, p in zip(("fixed", "moving"), both)})
         missing += [f"{split} pair {pair.name}: {what} {file} not found"
-                    for what, file in files.items() if file is not None and not Path(file).is_file()]
+                    for what, file in files.items() if file is not None and not os.path.lexists(file)]
     return missing

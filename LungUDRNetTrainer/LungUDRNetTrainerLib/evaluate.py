@@ -39,12 +39,15 @@ from LungUDRNetLib.errors import InputError, OutputError
 from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.io import atomic_path, read_image
 from LungUDRNetLib.model import UDRNet
-from LungUDRNetLib.preprocess import PreprocessConfig
+from LungUDRNetLib.output_folder import output_lock
+from LungUDRNetLib.outputs import check_output_dir
+from LungUDRNetLib.preprocess import PreprocessConfig, read_mask
 from LungUDRNetLib.registration import register
 from LungUDRNetLib.report import registration_report
 
 from .config import MODEL_NAMES
 from .datasets import PairRecord, read_points_lps
+from .pair_dataset import check_pairs
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,15 @@ METRICS = (
     ("folding_percent", "Folded (%)", 3),
 )
 STATES = ("before", "after")
+REPORT_FILE = "evaluation.md"
 
 
 def evaluate_pair(net: UDRNet, preprocess: PreprocessConfig, pair: PairRecord, device: str = "auto") -> dict:
     """Register one pair and return its row: ``pair``, ``before_<metric>``, ``after_<metric>``, ``seconds``."""
     fixed = read_image(pair.fixed, f"pair {pair.name}: fixed image")
     moving = read_image(pair.moving, f"pair {pair.name}: moving image")
-    fixed_mask = read_image(pair.fixed_mask, f"pair {pair.name}: fixed mask") if pair.fixed_mask else None
-    moving_mask = read_image(pair.moving_mask, f"pair {pair.name}: moving mask") if pair.moving_mask else None
+    fixed_mask = read_mask(pair.fixed_mask, fixed, f"pair {pair.name}: fixed mask") if pair.fixed_mask else None
+    moving_mask = read_mask(pair.moving_mask, moving, f"pair {pair.name}: moving mask") if pair.moving_mask else None
     result = register(fixed, moving, model=net, device=device, fixed_mask=fixed_mask, moving_mask=moving_mask,
                       preprocess=preprocess, affine=False, never_worse=False)  # the network as it is (paper)
     report = registration_report(fixed, moving, result, fixed_mask, moving_mask)
@@ -152,10 +156,11 @@ def model_label(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
 
 
-def evaluate_checkpoint(checkpoint: str | Path, pairs: list[PairRecord], device: str = "auto") -> dict:
+def evaluate_checkpoint(checkpoint: str | Path, pairs: list[PairRecord], device: str = "auto",
+                        model: tuple | None = None) -> dict:
     """Rows and summary of one checkpoint: ``label``, ``name`` (the method), ``attention``, ``rows``,
-    ``summary``."""
-    net, preprocess, _ = load_model(checkpoint)
+    ``summary``. ``model``: the checkpoint as :func:`load_model` returns it, when loaded already."""
+    net, preprocess, _ = model or load_model(checkpoint)
     label = model_label(checkpoint)
     rows = []
     for number, pair in enumerate(pairs, start=1):
@@ -169,17 +174,17 @@ def evaluate_checkpoint(checkpoint: str | Path, pairs: list[PairRecord], device:
 def evaluate_models(checkpoints: list[str | Path], pairs: list[PairRecord], out_dir: Path, device: str = "auto",
                     overwrite: bool = False) -> str:
     """Evaluate each checkpoint on ``pairs``; write ``pairs_<label>.csv``, ``summary.csv`` and
-    ``evaluation.md`` into ``out_dir``; return the summary table (baseline rows before scHAF rows)."""
-    report_path = out_dir / "evaluation.md"
-    if report_path.exists() and not overwrite:
-        raise OutputError(f"output {report_path}: already exists (use --overwrite to replace it)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
+    ``evaluation.md`` into ``out_dir``; return the summary table (baseline rows before scHAF rows).
+
+    The folder and every model are checked before any work, and the folder is made only to write the
+    tables: a run that fails creates nothing.
+    """
+    check_output_dir(out_dir, [], overwrite, (REPORT_FILE,))
+    models = [load_model(checkpoint) for checkpoint in checkpoints]
+    check_pairs(pairs)
     results = []
-    for checkpoint in checkpoints:
-        result = evaluate_checkpoint(checkpoint, pairs, device)
+    for checkpoint, model in zip(checkpoints, models):
+        result = evaluate_checkpoint(checkpoint, pairs, device, model)
         while result["label"] in {r["label"] for r in results}:
             result["label"] += "_2"
         results.append(result)
@@ -188,7 +193,13 @@ def evaluate_models(checkpoints: list[str | Path], pairs: list[PairRecord], out_
     for result in results:
         result["method"] = f"{result['name']} [{result['label']}]" if names.count(result["name"]) > 1 else result["name"]
     table = summary_table([(r["method"], r["summary"]) for r in results])
-    _write_outputs(out_dir, results, table, len(pairs))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
+    with output_lock(out_dir):
+        check_output_dir(out_dir, [], overwrite, (REPORT_FILE,))  # again: another run may have finished meanwhile
+        _write_outputs(out_dir, results, table, len(pairs))
     return table
 
 
@@ -200,7 +211,7 @@ def _write_outputs(out_dir: Path, results: list[dict], table: str, pair_count: i
                      **{f"{key}_{stat}": value[i] for key, value in r["summary"].items()
                         for i, stat in enumerate(("mean", "std"))}} for r in results]
     outputs = {f"pairs_{r['label']}.csv": _csv(r["rows"]) for r in results}
-    outputs.update({"summary.csv": _csv(summary_rows), "evaluation.md": "\n".join(sections)})
+    outputs.update({"summary.csv": _csv(summary_rows), REPORT_FILE: "\n".join(sections)})
     for file_name, text in outputs.items():
         with atomic_path(out_dir / file_name) as temporary:
-            temporary.write_text(text)
+            temporary.write_text(text, encoding="utf-8")

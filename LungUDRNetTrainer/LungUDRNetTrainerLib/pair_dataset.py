@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from LungUDRNetLib.geometry import field_to_voxel_flow, resample_field
-from LungUDRNetLib.io import read_displacement_field, read_image
-from LungUDRNetLib.preprocess import PreprocessConfig, prepare_pair, to_grid
+from LungUDRNetLib.io import read_displacement_field, read_image, read_image_header
+from LungUDRNetLib.preprocess import PreprocessConfig, prepare_pair, read_mask, to_grid
 from LungUDRNetLib.warp import warp
 
 from .datasets import PairRecord
@@ -80,19 +80,30 @@ class PairDataset(Dataset):
     def _load(self, pair: PairRecord) -> dict[str, torch.Tensor]:
         fixed = read_image(pair.fixed, f"pair {pair.name}: fixed image")
         moving = read_image(pair.moving, f"pair {pair.name}: moving image")
-        fixed_mask = read_image(pair.fixed_mask, f"pair {pair.name}: fixed mask") if pair.fixed_mask else None
+        fixed_mask = read_mask(pair.fixed_mask, fixed, f"pair {pair.name}: fixed mask") if pair.fixed_mask else None
         grid, fixed01, moving01 = prepare_pair(fixed, moving, self.preprocess, roi_mask=fixed_mask)
         item = {"fixed": torch.from_numpy(fixed01)[None], "moving": torch.from_numpy(moving01)[None]}
         if self.masks:
             has_masks = pair.fixed_mask is not None and pair.moving_mask is not None
             item["has_masks"] = torch.tensor(has_masks)
             item["fixed_mask"] = _mask_on_grid(fixed_mask if has_masks else None, grid)
-            moving_mask = read_image(pair.moving_mask, f"pair {pair.name}: moving mask") if has_masks else None
+            moving_mask = read_mask(pair.moving_mask, moving, f"pair {pair.name}: moving mask") if has_masks else None
             item["moving_mask"] = _mask_on_grid(moving_mask, grid)
         if self.truth:
             item["has_truth"] = torch.tensor(pair.true_displacement is not None)
             item["true_flow"] = _flow_on_grid(pair.true_displacement, grid)
         return item
+
+
+def check_pairs(pairs: list[PairRecord]) -> None:
+    """Read the header of every image and mask of ``pairs``, so that a file that cannot be used (not a
+    regular file, not a 3D real scalar image, a grid that cannot be written back) stops a run before it starts."""
+    for pair in pairs:
+        files = {"fixed image": pair.fixed, "moving image": pair.moving, "fixed mask": pair.fixed_mask,
+                 "moving mask": pair.moving_mask}
+        for what, path in files.items():
+            if path is not None:
+                read_image_header(path, f"pair {pair.name}: {what}")
 
 
 def _flow_on_grid(path, grid: sitk.Image) -> torch.Tensor:

@@ -11,6 +11,8 @@ accumulation over micro-batches), then a validation pass. ``RUN_DIR`` gets
 * ``best.pt`` -- the weights with the lowest validation loss so far (what ``register`` loads);
 * ``log.csv`` and ``tensorboard/`` -- per-epoch losses and validation metrics.
 
+While a run trains, ``RUN_DIR`` is locked: a second run into it is refused.
+
 Row 0 of the log is the untrained network (near-zero output: the identity), or the
 ``init_weights`` a fine-tuning run starts from. With ``supervised_weight`` > 0 the
 validation loss includes the supervised term on validation pairs with a known field.
@@ -46,11 +48,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from LungUDRNetLib import metrics
-from LungUDRNetLib.checkpoint import read_checkpoint, save_checkpoint
+from LungUDRNetLib.checkpoint import check_finite_weights, read_checkpoint, save_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError, TrainingError
 from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.losses import registration_loss, supervised_flow_error
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
+from LungUDRNetLib.output_folder import output_lock
+from LungUDRNetLib.outputs import check_output_dir
 from LungUDRNetLib.progress_events import emit, emit_progress
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.warp import warp
@@ -58,7 +62,7 @@ from LungUDRNetLib.warp import warp
 from . import distributed
 from .config import MODEL_NAMES, TrainConfig, write_config
 from .datasets import load_splits
-from .pair_dataset import PairDataset
+from .pair_dataset import PairDataset, check_pairs
 from .runlog import RunLog
 
 log = logging.getLogger(__name__)
@@ -169,6 +173,7 @@ class Trainer:
         if not splits["train"] or not splits["val"]:
             raise InputError(f"data {config.data or config.pairs}: {len(splits['train'])} training and "
                              f"{len(splits['val'])} validation pairs; at least one of each is needed")
+        check_pairs(splits["train"] + splits["val"])
         self.preprocess = config.preprocess_config()
         self.train_set = PairDataset(splits["train"], self.preprocess, extra_pairs=config.augment_pairs,
                                      amplitude=config.augment_amplitude, seed=config.seed,
@@ -391,6 +396,7 @@ class Trainer:
     def _initialise(self, path: Path) -> None:
         """Start from the weights of checkpoint ``path`` (fine-tuning); raise ModelError if they do not fit."""
         state = read_checkpoint(path)
+        check_finite_weights(state["state_dict"], f"init weights {path}")
         if state["model_config"] != self.net.config.to_dict():
             raise ModelError(f"init weights {path}: its architecture differs from the configuration's "
                              f"({state['model_config']} vs {self.net.config.to_dict()})")
@@ -441,17 +447,21 @@ def read_resume_checkpoint(run_dir: Path, repair: bool) -> tuple[Path, dict]:
     return previous, state
 
 
-def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
-    """Create ``run_dir`` and write ``config.yaml``; refuse to start a new run over an existing one."""
-    if not resume and (run_dir / "last.pt").exists():
-        raise OutputError(f"output {run_dir}: already holds a training run; continue it with --resume {run_dir} "
-                          "or choose another --out")
+@contextlib.contextmanager
+def run_folder(run_dir: Path, config: TrainConfig, resume: bool):
+    """Create ``run_dir``, hold its lock for the run (:func:`~LungUDRNetLib.output_folder.output_lock`: a second
+    run into it is refused) and write ``config.yaml``; refuse to start a new run over an existing one."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"output {run_dir}: cannot be created ({error.strerror})") from None
-    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
-    write_config(config, run_dir / "config.yaml")
+    with output_lock(run_dir):
+        if not resume and (run_dir / "last.pt").exists():
+            raise OutputError(f"output {run_dir}: already holds a training run; continue it with --resume "
+                              f"{run_dir} or choose another --out")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier session
+        write_config(config, run_dir / "config.yaml")
+        yield run_dir
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
@@ -462,6 +472,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     ``on_step(epoch, step)`` is called after every optimizer step.
     """
     run_dir = Path(run_dir)
+    check_output_dir(run_dir, [], True, ("config.yaml",))  # e.g. --out names a file: refused before any work
     context = distributed.setup(config.device)
     try:
         if config.deterministic:
@@ -470,9 +481,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         if context.device.type == "cuda":
             torch.backends.cudnn.benchmark = not config.deterministic
         trainer = Trainer(config, run_dir, context, resume)  # checks the data and last.pt before writing
-        if context.is_main:
-            prepare_run_dir(run_dir, config, resume)
-        distributed.barrier(context)
-        return trainer.run(stop or threading.Event(), on_step)
+        with run_folder(run_dir, config, resume) if context.is_main else contextlib.nullcontext():
+            distributed.barrier(context)
+            return trainer.run(stop or threading.Event(), on_step)
     finally:
         distributed.teardown(context)
