@@ -32,6 +32,7 @@ from LungUDRNetSlicerLib.volumes import (image_from_volume, mask_from_node, upda
                                          update_volume_from_image)
 
 from conftest import oblique_direction
+from robustness_cases import named_pipe
 
 RAS_FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -375,6 +376,25 @@ def test_process_rejects_unusable_inputs(scene, volumes):
         logic.process(volumes["fixed"], volumes["fixed"])
     with pytest.raises(InputError, match="warped volume"):
         logic.process(volumes["fixed"], volumes["moving"], warped_volume=volumes["moving"])
+
+
+def test_process_refuses_a_sheared_volume_and_a_model_that_is_not_a_file(scene, volumes, shift_model, tmp_path):
+    """A volume whose IJK->RAS matrix shears its axes cannot carry an exact result; a named pipe as the model
+    would block the reader: each is one InputError/ModelError naming it, and the scene gets no new node."""
+    logic = RegistrationLogic()
+    matrix = vtk.vtkMatrix4x4()
+    volumes["fixed"].GetIJKToRASMatrix(matrix)
+    matrix.SetElement(0, 1, matrix.GetElement(0, 1) + 0.5 * matrix.GetElement(1, 1))
+    sheared = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "sheared")
+    sheared.SetAndObserveImageData(volumes["fixed"].GetImageData())
+    sheared.SetIJKToRASMatrix(matrix)
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="^fixed image: has a direction matrix whose axes are not orthonormal"):
+        logic.process(sheared, volumes["moving"], model=shift_model, device="cpu")
+    with named_pipe(tmp_path / "pipe.pt") as pipe, pytest.raises(LungUDRNetError, match=r"^model .*pipe.pt: is a "
+                                                                                      r"named pipe \(FIFO\)"):
+        logic.process(volumes["fixed"], volumes["moving"], model=pipe, device="cpu")
+    assert scene.GetNumberOfNodes() == nodes
 
 
 def test_cancelling_process_leaves_the_scene_unchanged(scene, volumes, shift_model):
