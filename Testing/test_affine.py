@@ -216,6 +216,23 @@ def test_breathing_on_top_of_a_setup_difference(lung2):
     assert result.overlap_after > result.overlap_before
 
 
+def test_a_breathing_pair_is_aligned_although_the_lung_dice_dips(lung1):
+    """Exhale lungs are smaller than inhale lungs: on this pair (20 mm, automatic masks of both phases) the
+    affine result halves the landmark error while the lung Dice drops below the identity's by less than the
+    tolerance; it is kept (it was discarded for that dip until 2026-12-05)."""
+    ct, _ = lung1
+    pair = synth.make_breathing_pair(synth.resample_to_grid(ct, (134, 96, 146), (2.5, 2.5, 2.5)), seed=5,
+                                     amplitude_mm=20.0)
+    masks = synth.lung_mask(pair.fixed), synth.lung_mask(pair.moving)
+    result = prealign(pair.fixed, pair.moving, *masks, UNHURRIED)
+    before = np.linalg.norm(pair.moving_points - pair.fixed_points, axis=1).mean()
+    after = np.linalg.norm(apply(result.transform, pair.fixed_points) - pair.moving_points, axis=1).mean()
+    print(f"TRE {before:.2f} -> {after:.2f} mm; overlap {result.overlap}, messages {result.messages}")
+    assert result.stage == "affine", result.messages
+    assert after < 0.6 * before
+    assert result.correlation["result"] > result.correlation["identity"] + 0.05
+
+
 # ----------------------------------------------------------------------------- special inputs and safeguards
 
 
@@ -266,10 +283,13 @@ def test_a_diverging_optimisation_returns_the_identity(lung1):
 
 
 def test_never_worse_than_the_identity(lung1, lung2):
-    """Two different patients: whatever it finds overlaps the lungs at least as well as doing nothing."""
+    """Two different patients: whatever it finds overlaps the lungs about as well as doing nothing (within the
+    tolerance) and correlates better."""
     (fixed, fixed_mask), (moving, moving_mask) = lung2, lung1
     result = prealign(fixed, moving, fixed_mask, moving_mask, UNHURRIED)
-    assert result.overlap_after >= result.overlap_before
+    assert result.overlap_after >= result.overlap_before - UNHURRIED.overlap_tolerance
+    identity = result.correlation["identity"]  # NaN: the moving CT covers none of the fixed lungs at first
+    assert result.stage == "identity" or result.correlation["result"] > np.nan_to_num(identity, nan=-1.0)
 
 
 def test_deterministic(lung2):

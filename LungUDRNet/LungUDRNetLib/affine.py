@@ -23,7 +23,8 @@ oblique, is handled):
 After each stage the lung overlap (Dice of the fixed lungs and the moving lungs
 pulled through ``T``, on the coarse fixed grid) is measured; a stage that
 lowers it by more than ``overlap_tolerance`` is dropped, and a result whose
-overlap is below the identity's is replaced by the identity
+overlap is below the identity's by more than ``identity_margin``, or whose CT
+correlation in the lungs is not above the identity's, is replaced by the identity
 (:class:`AffineResult` says which and why).
 """
 
@@ -60,6 +61,7 @@ class AffineConfig:
     affine_iterations: int = 40
     max_scale_change: float = 0.15  # singular values of the affine matrix stay within 1 +- this
     overlap_tolerance: float = 0.01  # Dice a stage may lose against the previous one and still be kept
+    identity_margin: float = 0.01  # Dice the result may lose against the identity and still be kept
     time_budget_s: float = 2.0  # s; an optimisation stops early once the call has run this long
     threads: int = 2
 
@@ -185,13 +187,26 @@ class _Prealignment:
         self.timings["affine"] = time.perf_counter() - clock
 
     def finish(self) -> AffineResult:
-        """The identity instead of a result that overlaps less than it; final measures and time."""
+        """The identity instead of a result that overlaps the lungs less than it (beyond the tolerance: lung
+        masks of two breathing phases differ in volume, so an alignment that halves the landmark error can
+        lower their Dice by a little) or whose CT correlation in the lungs is not higher; final measures."""
         result = self.result
-        if result.overlap_after < result.overlap_before:
-            result.messages.append(f"kept the identity: lung overlap {result.overlap_after:.3f} after the "
-                                   f"{result.stage} stage is below {result.overlap_before:.3f} before")
-            result.transform, result.stage = _identity(self.fixed_centre), "identity"
-        result.correlation["result"] = self.correlation(result.transform)
+        correlation = self.correlation(result.transform)
+        before = result.correlation["identity"]  # NaN where the moving CT covers none of the fixed lungs
+        better = correlation > before if np.isfinite(before) else np.isfinite(correlation)
+        if result.stage != "identity":
+            reason = None
+            if result.overlap_after < result.overlap_before - self.config.identity_margin:
+                reason = (f"lung overlap {result.overlap_after:.3f} after the {result.stage} stage is below "
+                          f"{result.overlap_before:.3f} before")
+            elif not better:
+                reason = (f"CT correlation in the lungs {correlation:.3f} after the {result.stage} stage is not "
+                          f"above {before:.3f} before")
+            if reason:
+                result.messages.append(f"kept the identity: {reason}")
+                result.transform, result.stage = _identity(self.fixed_centre), "identity"
+                correlation = before
+        result.correlation["result"] = correlation
         self.timings["total"] = time.perf_counter() - self.start
         return result
 
