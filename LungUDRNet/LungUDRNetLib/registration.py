@@ -292,8 +292,10 @@ def _warn_if_dropped(kept: Branch, scores: list[StageScore], refined: bool) -> N
     if "network" not in kept.name or (refined and "refinement" not in kept.name):
         worst = [f"{score.stage} {score.lung_ncc_percent:.1f}%" for score in dropped
                  if score.lung_ncc_percent is not None and score.stage != kept.name]
-        log.warning("kept the %s result (lung NCC %.1f%%): %s lowered the similarity in the lungs; this pair "
-                    "may be unlike the training data", kept.name, _score_of(scores, kept.name), ", ".join(worst))
+        hint = ("this pair may be unlike the training data" if kept.name == "identity"
+                else "the network did not improve on it")
+        log.warning("kept the %s result (lung NCC %.1f%%): %s lowered the similarity in the lungs; %s", kept.name,
+                    _score_of(scores, kept.name), ", ".join(worst), hint)
 
 
 def _score_of(scores: list[StageScore], name: str) -> float:
