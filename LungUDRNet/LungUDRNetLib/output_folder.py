@@ -112,7 +112,10 @@ def _try_lock(descriptor: int) -> bool:
     try:
         import fcntl
     except ImportError:  # Windows
-        import msvcrt
+        try:
+            import msvcrt
+        except ImportError:  # neither: a platform without file locks; runs are then not kept apart
+            return True
         try:
             msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
         except OSError:
