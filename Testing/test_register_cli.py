@@ -219,7 +219,7 @@ def test_top_level_help_is_plain_text_listing_every_subcommand(capsys, monkeypat
 @pytest.mark.parametrize("command, expected", [
     ("register", "--device DEVICE auto, cpu, cuda or mps (default: auto) --fixed-mask"),
     ("register", "0 = network only (default: 0) --displacement-grid"),
-    ("register", "0.4% of the fixed grid) (default: fixed) --no-affine"),
+    ("register", "1% of the fixed grid) (default: fixed) --no-affine"),
     ("demo", "--out OUT output folder (default: demo_output) --device DEVICE auto, cpu, cuda or mps (default: auto) "
              "--model"),
     ("lung-mask", "--overwrite replace an existing mask file"),

@@ -86,8 +86,8 @@ def add_register_parser(subparsers) -> None:
                         help="grid of displacement.nii.gz: 'fixed' = the fixed image's own grid (12 bytes per fixed "
                              "voxel: 0.94 GB for 512x512x300); 'native' = the resolution the field really has, the "
                              "network grid (finer with --refine-steps) extended to cover the fixed image, which "
-                             "tools interpolate to the same field at every fixed voxel (66^3 nodes, 3.3 MB for a "
-                             "64^3 network: 0.4%% of the fixed grid)")
+                             "tools interpolate to the same field at every fixed voxel (e.g. 82x113x79 nodes, 8.4 MB for a "
+                             "512x512x300 scan: about 1%% of the fixed grid)")
     parser.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine pre-alignment (the network alone, as in the paper); by default the "
                              "result keeps whichever of identity, affine, network and affine + network is most "

@@ -72,8 +72,9 @@ def run_train(args: argparse.Namespace) -> None:
 def add_evaluate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="per-pair and mean +- std metrics of one or more checkpoints (ablation table)",
-        description="Register every pair of a split with the full register() pipeline and tabulate 1-MSE, NCC, "
-                    "lung Dice, TRE, SDlogJ and folded voxels before (identity) and after registration.")
+        description="Register every pair of a split with the network alone (as in the paper: no affine stage, no "
+                    "stage choice) and tabulate 1-MSE, NCC, lung Dice, TRE, SDlogJ and folded voxels before "
+                    "(identity) and after registration.")
     parser.add_argument("--model", action="append", required=True,
                         help="checkpoint or run folder; repeat for an ablation table (e.g. baseline, then UDRNet)")
     source = parser.add_mutually_exclusive_group(required=True)
