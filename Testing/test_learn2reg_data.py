@@ -15,7 +15,8 @@ from conftest import shared_data
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.preprocess import PreprocessConfig
 from LungUDRNetLib.warp import warp
-from LungUDRNetTrainerLib.datasets import load_learn2reg, load_pairs_csv, load_splits, read_points_lps
+from LungUDRNetLib.pairs_csv import read_points_lps
+from LungUDRNetTrainerLib.datasets import load_learn2reg, load_pairs_csv, load_splits
 from LungUDRNetTrainerLib.pair_dataset import PairDataset, random_smooth_flow
 from LungUDRNetTrainerLib.toydata import write_toy_learn2reg
 

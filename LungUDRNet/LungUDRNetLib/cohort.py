@@ -27,18 +27,21 @@ import multiprocessing
 import os
 import re
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import progress_events
 from .errors import CancelledError, InputError, LungUDRNetError
 from .io import atomic_path, write_json
 from .output_folder import output_lock
 from .pairs_csv import PairRow, pair_name, read_pairs_csv, read_points_lps
+
+if TYPE_CHECKING:  # imported where used: it loads torch
+    from .ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -80,41 +83,6 @@ class Task:
     name: str
     folder: Path
     rank: int
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place under ``torchrun``: rank, number of processes, GPU index on this node."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        try:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        except ValueError:
-            raise InputError("environment: RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (as torchrun "
-                             "sets them)") from None
-        if not 0 <= rank < world_size:
-            raise InputError(f"environment: RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world_size})")
-        return cls(rank, world_size, local_rank)
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def device(self, device: str) -> str:
-        """The device of this rank: ``cuda:LOCAL_RANK`` for auto/cuda when CUDA is available, else CPU for auto."""
-        if not self.distributed or device not in ("auto", "cuda"):
-            return device
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return "cpu" if device == "auto" else device
 
 
 @dataclass(frozen=True)
@@ -167,7 +135,7 @@ def run_cohort(pairs_file: str | os.PathLike, out_dir: str | os.PathLike, option
     """
     from .checkpoint import load_model
     from .outputs import check_output_dir
-    from .registration import resolve_device
+    from .ranks import Ranks
 
     rows = read_pairs_csv(pairs_file)
     if not rows:
@@ -178,8 +146,9 @@ def run_cohort(pairs_file: str | os.PathLike, out_dir: str | os.PathLike, option
     out_dir = check_output_dir(out_dir, [], True, (SUMMARY_FILE,))
     tasks = plan(rows, out_dir, ranks.world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = replace(options, device=ranks.device(options.device))
-    resolve_device(options.device)  # a bad device or model stops the run here, not once per pair
+    device = ranks.device(options.device)  # a bad device or model stops the run here, not once per pair
+    if ranks.distributed:
+        options = replace(options, device=str(device))
     model = load_model(options.model)
     if ranks.distributed:
         return _run_rank(tasks, ranks, options, model, jobs, overwrite, progress)

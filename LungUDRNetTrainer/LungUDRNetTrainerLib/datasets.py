@@ -32,8 +32,7 @@ from pathlib import Path
 
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.input_files import check_input_path
-from LungUDRNetLib.pairs_csv import (CASE_PHASE, CSV_COLUMNS, EXTRA_CSV_COLUMNS, FILE_COLUMNS, SPLITS,  # noqa: F401
-                                     image_stem, pair_name, read_pairs_csv, read_points_lps)
+from LungUDRNetLib.pairs_csv import CASE_PHASE, FILE_COLUMNS, SPLITS, image_stem, pair_name, read_pairs_csv
 from LungUDRNetLib.pairs_csv import resolve_path as _resolve
 
 POINT_KINDS = ("keypoints", "landmarks")

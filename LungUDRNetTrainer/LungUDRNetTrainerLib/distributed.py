@@ -8,14 +8,13 @@ of one and every helper here is then a no-op.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from LungUDRNetLib.registration import resolve_device
+from LungUDRNetLib.ranks import Ranks
 
 
 @dataclass(frozen=True)
@@ -38,12 +37,11 @@ class Context:
 
 def setup(device: str = "auto") -> Context:
     """Join the ``torchrun`` process group if there is one; pick this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    target = resolve_device(device)
-    if world_size == 1:
+    ranks = Ranks.from_env()
+    target = ranks.device(device)
+    if not ranks.distributed:
         return Context(0, 1, target)
     if target.type == "cuda":
-        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(target)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")

@@ -41,12 +41,13 @@ from LungUDRNetLib.io import atomic_path, read_image
 from LungUDRNetLib.model import UDRNet
 from LungUDRNetLib.output_folder import output_lock
 from LungUDRNetLib.outputs import check_output_dir
+from LungUDRNetLib.pairs_csv import read_points_lps
 from LungUDRNetLib.preprocess import PreprocessConfig, read_mask
 from LungUDRNetLib.registration import register
 from LungUDRNetLib.report import registration_report
 
 from .config import MODEL_NAMES
-from .datasets import PairRecord, read_points_lps
+from .datasets import PairRecord
 from .pair_dataset import check_pairs
 
 log = logging.getLogger(__name__)
