@@ -13,13 +13,23 @@ import torch
 from LungUDRNetLib.checkpoint import read_checkpoint
 
 
+def _failure(stderr: str) -> str:
+    """A failed run's stderr for the assertion message: from the first report of a failing rank (a Python
+    traceback, or C++'s or Python's abort message) on, then torchrun's summary at the end."""
+    marks = ("Traceback (most recent call last)", "terminate called", "Fatal Python error")
+    starts = [stderr.find(mark) for mark in marks]
+    start = min((i for i in starts if i >= 0), default=0)
+    head, tail = stderr[start:start + 4000], stderr[max(start + 4000, len(stderr) - 2000):]
+    return head + ("\n[...]\n" + tail if tail else "")
+
+
 def _train(launcher: list[str], toy, run_dir) -> subprocess.CompletedProcess:
     """``launcher -m LungUDRNetTrainerLib train`` with the smoke preset for one epoch, one thread per process."""
     command = [*launcher, "-m", "LungUDRNetTrainerLib", "train", "--preset", "smoke", "--epochs", "1",
                "--device", "cpu", "--data", str(toy), "--out", str(run_dir)]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, encoding="utf-8",
                             timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _failure(result.stderr)
     return result
 
 

@@ -8,6 +8,7 @@ of one and every helper here is then a no-op.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from LungUDRNetLib.ranks import Ranks
+
+RELEASE_WAIT_S = 10.0  # the longest all_sum waits for gloo's worker thread to let go of its tensor
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,22 @@ def wrap(model: torch.nn.Module, context: Context) -> torch.nn.Module:
 
 
 def all_sum(values: list[float], context: Context) -> list[float]:
-    """Element-wise sum of ``values`` over all processes."""
+    """Element-wise sum of ``values`` over all processes.
+
+    Under gloo this returns only once the backend's worker thread has let go of the tensor. Letting go takes
+    the GIL, and when the interpreter is already shutting down by then (a rank exits right after its last
+    sum) the thread is killed inside a C++ destructor and the process aborts ("terminate called without an
+    active exception"): ``destroy_process_group`` does not stop gloo's threads once DistributedDataParallel
+    has used the group.
+    """
     if not context.distributed:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
+    if dist.get_backend() == "gloo":
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while tensor._use_count() > 1 and time.monotonic() < deadline:  # the finished collective still holds it
+            time.sleep(0.001)
     return tensor.tolist()
 
 
