@@ -19,7 +19,7 @@ from slicer import (vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRML
                     vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest
 
 from LungUDRNetSlicerLib.dependencies import REGISTRATION_REQUIREMENTS, python_slicer, self_test_skip_reason
@@ -29,7 +29,6 @@ from LungUDRNetSlicerLib.volumes import image_from_volume, update_volume_from_im
 
 BUNDLED, CHECKPOINT = "bundled weights", "checkpoint file"
 DEVICES = ["auto", "cuda", "cpu"]
-MAX_REFINE_STEPS = 200
 CONTRIBUTORS = ["LungUDRNet developers (LungUDRNet open-source project)"]
 DISCLAIMER = ("For research use only: not a medical device, not for diagnosis or treatment decisions. Check every "
               "result against the images.")
@@ -82,7 +81,7 @@ class LungUDRNetParameterNode:
     showAligned - put the moving volume under the output transform.
     model - the bundled weights, or a checkpoint file of the LungUDRNet trainer (checkpoint; "" when unset).
     device - auto (CUDA GPU if available, else CPU), cuda, or cpu (force the CPU).
-    refineSteps - 0: the network's field; N > 0: refine it on the pair (N + 2N optimisation steps).
+    fast - the network's field only, without instance optimisation on this pair.
     lesions - a segmentation or markups drawn on the moving scan, to follow into the fixed scan.
     """
 
@@ -96,7 +95,7 @@ class LungUDRNetParameterNode:
     model: Annotated[str, Choice([BUNDLED, CHECKPOINT])] = BUNDLED
     checkpoint: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    refineSteps: Annotated[int, WithinRange(0, MAX_REFINE_STEPS)] = 0
+    fast: bool = False
     lesions: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsFiducialNode, None]
 
 
@@ -146,7 +145,7 @@ class LungUDRNetWidget(JobPanelWidget):
             job = self.logic.start(parameters.fixedVolume, parameters.movingVolume, parameters.fixedMask,
                                    parameters.movingMask, model=model, device=parameters.device,
                                    warped_volume=parameters.warpedVolume, transform=parameters.outputTransform,
-                                   show_aligned=parameters.showAligned, refine_steps=parameters.refineSteps,
+                                   show_aligned=parameters.showAligned, fast=parameters.fast,
                                    python=python_slicer())
             self.startPolling(job)
 

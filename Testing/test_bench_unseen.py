@@ -62,8 +62,8 @@ def test_criteria_count_halved_and_worse_pairs_and_measure_the_storage_gap(unsee
 def test_groups_are_summarised_apart():
     rows = [{"group": g, "method": "m", "pair": p, "tre_before_mm": 9.0, "tre_mean_mm": t, "tre_std_mm": 1.0,
              "tre_p90_mm": 1.0, "dice_percent": None, "one_minus_mse_percent": 99.0, "ncc_percent": 90.0,
-             "sdlogj": 0.1, "folding_percent": 0.0, "median_s": 1.0, "timed_runs": 1, "method_median_s": 0.5,
-             "peak_rss_mb": 100.0, "error": None}
+             "sdlogj": 0.1, "folding_percent": 0.0, "process_s": 3.0, "median_s": 1.0, "timed_runs": 1,
+             "method_median_s": 0.5, "peak_rss_mb": 100.0, "error": None}
             for g, p, t in (("standard", "a", 1.0), ("standard", "b", 3.0), ("unseen", "unseen_c", 7.0))]
     summary = summarise(rows)
     assert [(s["group"], s["pairs"], s["tre_mean_mm"]) for s in summary] == [("standard", 2, 2.0), ("unseen", 1, 7.0)]

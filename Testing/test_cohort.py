@@ -57,9 +57,10 @@ def write_cohort(folder: Path) -> Path:
 
 
 def cohort_args(pairs: Path, out: Path, *extra: str, model: Path | None = None) -> list[str]:
-    """``register --pairs`` on the CPU without the affine stage (faster), with the cohort's model."""
+    """``register --pairs`` on the CPU, the cohort's model alone (no affine stage, no instance optimisation: faster,
+    and the points stay where the model puts them)."""
     return ["register", "--pairs", str(pairs), "--out", str(out), "--model", str(model or pairs.parent / "model.pt"),
-            "--device", "cpu", "--no-affine", "-q", *extra]
+            "--device", "cpu", "--no-affine", "--fast", "-q", *extra]
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -89,7 +90,7 @@ def test_summary_holds_each_pairs_metrics_and_the_tre_where_points_are_given(fir
         report = json.loads((first_run / row["pair"] / "metrics.json").read_text())
         for column, (section, key) in METRICS:
             assert float(row[column]) == report[section][key], column
-        assert row["kept_stage"] == report["stages"]["kept"] == "network"  # --no-affine
+        assert row["kept_stage"] == report["stages"]["kept"] == "network"  # --no-affine --fast
         assert (row["device"], row["rank"]) == ("cpu", "0") and report["cohort"]["rank"] == 0
         assert report["cohort"]["fixed"] == row["fixed"] and row["fixed"].startswith("data/")
         if row["pair"] == "case_c":  # no points in the CSV

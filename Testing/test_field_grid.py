@@ -1,7 +1,7 @@
 """The displacement field at the resolution it really has (the "native" grid) against the fixed-grid field.
 
 The network predicts a voxel flow on its own grid (64^3 for the bundled
-weights, 128^3 after refinement) whose values define a trilinear field. The
+weights; a 3.5 mm grid after instance optimisation) whose values define a trilinear field. The
 native field keeps exactly those values on that grid, extended by whole nodes
 (the nearest edge value) until it covers the fixed image; the fixed-grid field
 is the native field sampled at every fixed voxel. So at fixed voxel centres the
@@ -28,7 +28,7 @@ from LungUDRNetLib.io import read_displacement_field, write_displacement_field, 
 from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
 from LungUDRNetLib.preprocess import (PreprocessConfig, flow_to_fixed_field, flow_to_native_field, native_field_grid,
                                       network_grid)
-from LungUDRNetLib.refine import finer_config
+from LungUDRNetLib.instance_optimisation import InstanceOptimisationConfig, optimisation_grids
 
 from conftest import oblique_direction
 
@@ -42,7 +42,7 @@ SAME_MM = 1e-4
 # interpolation error (bounded by fixed_grid_error_bound): measured 0.030 mm (SimpleITK) and 0.032 mm (Slicer)
 # for the smooth breathing-like field on the CT-like phantom below (bound 0.10 mm); for the bundled network's
 # field of a 512x512x300 lung CT pair 0.085 mm (0.038 mm at the 99.9th percentile of the cell centres), and
-# 0.47 mm (0.059 mm) for the rougher field of 10 refinement steps.
+# 0.47 mm (0.059 mm) for the rougher field of the former MSE refinement (10 steps; 2026-12-01).
 DESIGN_MM = 0.05
 # Hardening the moving phantom through the native and the fixed-grid node: points up to DESIGN_MM apart, on
 # phantom edges that change by ~1000 HU per mm, so 50 HU at most (measured 31 HU); at the 99.9th percentile
@@ -123,15 +123,17 @@ def voxel_centres(image: sitk.Image) -> np.ndarray:
 
 
 def grids(fixed: sitk.Image) -> dict[str, sitk.Image]:
-    """Network grids as register() makes them: whole image, lung box, refined, and an exact crop."""
+    """Field grids as register() makes them: network grids on the whole image, the lung box and an exact crop,
+    and the displacement grid of instance optimisation."""
     whole = PreprocessConfig(grid_shape=(8, 10, 12))
     mask = lung_mask_phantom(fixed)
     return {"fit": network_grid(fixed, whole), "roi": network_grid(fixed, whole, mask),
-            "refined": network_grid(fixed, finer_config(whole), mask),
+            "optimised": optimisation_grids(network_grid(fixed, whole, mask),
+                                            InstanceOptimisationConfig(grid_spacing_mm=2.5))[0],
             "crop": network_grid(fixed, PreprocessConfig(grid_shape=(20, 24, 26), grid_mode="crop"))}
 
 
-@pytest.mark.parametrize("mode", ["fit", "roi", "refined", "crop"])
+@pytest.mark.parametrize("mode", ["fit", "roi", "optimised", "crop"])
 def test_native_grid_is_the_network_grid_extended_to_cover_the_fixed_image(fixed, mode):
     grid = grids(fixed)[mode]
     native = native_field_grid(fixed, grid)
@@ -158,7 +160,7 @@ def test_native_grid_is_the_network_grid_extended_to_cover_the_fixed_image(fixed
     assert np.all(size <= np.ceil(span - 1e-9) + 2)
 
 
-@pytest.mark.parametrize("mode", ["fit", "roi", "refined"])
+@pytest.mark.parametrize("mode", ["fit", "roi", "optimised"])
 def test_native_field_is_the_networks_field_and_the_fixed_grid_field_samples_it(fixed, mode):
     grid = grids(fixed)[mode]
     flow = rough_flow(grid)
@@ -221,19 +223,19 @@ def test_nifti_round_trip_keeps_the_native_grid(fixed, tmp_path):
                                sitk.GetArrayViewFromImage(full), atol=SAME_MM)
 
 
-def test_cli_writes_the_native_field_when_asked(ct_fixed, ct_moving, phantom_files, tmp_path):
+def test_cli_writes_the_native_field_by_default(ct_fixed, ct_moving, phantom_files, tmp_path):
     paths = {"fixed": write_image(ct_fixed, tmp_path / "fixed.nrrd"),
              "moving": write_image(ct_moving, tmp_path / "moving.nrrd")}
     args = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
-            "--model", str(phantom_files["model"]), "--device", "cpu", "--no-affine"]  # untrained, 32^3 grid
-    assert main(args + ["--out", str(tmp_path / "fixed")]) == 0
-    assert main(args + ["--out", str(tmp_path / "native"), "--displacement-grid", "native"]) == 0
+            "--model", str(phantom_files["model"]), "--device", "cpu", "--no-affine", "--fast"]  # untrained, 32^3
+    assert main(args + ["--out", str(tmp_path / "fixed"), "--displacement-grid", "fixed"]) == 0
+    assert main(args + ["--out", str(tmp_path / "native")]) == 0
     fixed = sitk.ReadImage(str(paths["fixed"]))
     on_fixed = read_displacement_field(tmp_path / "fixed" / "displacement.nii.gz")
     on_native = read_displacement_field(tmp_path / "native" / "displacement.nii.gz")
     assert on_fixed.GetSize() == fixed.GetSize()
     result = register(fixed, sitk.ReadImage(str(paths["moving"])), model=phantom_files["model"], device="cpu",
-                      affine=False)
+                      affine=False, fast=True)
     expected = native_field_grid(fixed, result.grid)  # the network grid, on the (automatic) fixed lung mask
     assert result.grid.GetSize() == (32, 32, 32) and on_native.GetSize() == expected.GetSize()
     assert np.prod(on_native.GetSize()) < 0.1 * np.prod(fixed.GetSize())

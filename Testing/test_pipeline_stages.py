@@ -54,15 +54,18 @@ def test_a_set_up_difference_is_taken_by_the_affine_stage(breathing_pair):
 def test_a_breathing_pair_keeps_the_best_scoring_stage_and_each_stage_helps(breathing_pair):
     result = register(breathing_pair.fixed, breathing_pair.moving, model=DEFAULT_WEIGHTS, device="cpu")
     network_alone = register(breathing_pair.fixed, breathing_pair.moving, model=DEFAULT_WEIGHTS, device="cpu",
-                             affine=False)
+                             affine=False, fast=True)
     before = tre(breathing_pair.fixed_points, breathing_pair.moving_points)
     after = tre(breathing_pair.fixed_points, breathing_pair.moving_points, result)
-    # measured 2026-12-05 (weights of that date): 7.94 mm before; network alone 1.82 mm; the affine stage alone
-    # 1.44 mm (kept, lung NCC 92.2 % against 87.8 % for the network and 90.5 % for affine + network)
+    # measured 2026-12-05 (weights of that date): 7.94 mm before; network alone 1.82 mm; instance optimisation
+    # from affine + network 0.42 mm (kept, lung NCC 96.3 % against 92.2 % for the affine stage alone, 87.8 % for
+    # the network and 90.5 % for affine + network)
     scores = {score.stage: score.lung_ncc_percent for score in result.stages}
-    assert set(scores) == {"identity", "affine", "network", "affine + network"}
+    started_from = max(("network", "affine + network"), key=scores.get)
+    assert set(scores) == {"identity", "affine", "network", "affine + network",
+                           f"{started_from} + instance optimisation"}
     assert scores[result.kept_stage] == max(scores.values())
-    assert after < 0.25 * before
+    assert after < 0.1 * before
     assert tre(breathing_pair.fixed_points, breathing_pair.moving_points, network_alone) < 0.4 * before
     assert network_alone.kept_stage == "network"
 
@@ -72,7 +75,7 @@ def test_a_network_that_makes_things_worse_is_not_kept_and_the_user_is_told(brea
     with torch.no_grad():  # a network that shifts everything by (6, -6, 6) voxels of its grid: 20-30 mm
         model.flow.weight.zero_()
         model.flow.bias.copy_(torch.tensor([6.0, -6.0, 6.0]))
-    result = register(breathing_pair.fixed, breathing_pair.moving, model=model, device="cpu", affine=False)
+    result = register(breathing_pair.fixed, breathing_pair.moving, model=model, device="cpu", affine=False, fast=True)
     before = tre(breathing_pair.fixed_points, breathing_pair.moving_points)
     assert result.kept_stage == "identity"
     assert tre(breathing_pair.fixed_points, breathing_pair.moving_points, result) == pytest.approx(before, abs=1e-3)
@@ -89,7 +92,7 @@ def test_choose_keeps_the_last_stage_that_is_at_least_as_good_as_every_earlier_o
     points = np.zeros((8, 8, 8, 3))  # every point inside the 8^3 image at the origin
     worse, better = fixed + rng.normal(0, 0.5, fixed.shape), fixed + rng.normal(0, 0.05, fixed.shape)
     candidates = [Candidate("identity", worse, points), Candidate("network", better, points),
-                  Candidate("network + refinement", worse, points)]
+                  Candidate("network + instance optimisation", worse, points)]
     kept, scores = choose(fixed, None, grid, candidates)
     assert kept == "network"
     assert [score.kept for score in scores] == [True, True, False]
@@ -111,7 +114,9 @@ def stored_otherwise(image: sitk.Image) -> sitk.Image:
 
 
 def test_the_same_scans_stored_otherwise_give_the_same_mapping(breathing_pair):
-    """Flipped and permuted storage: measured 2026-12-03 0.0000 mm apart at the landmarks (bound: 0.3 mm)."""
+    """Flipped and permuted storage: measured 0.0000 mm apart at the landmarks for the network's field
+    (2026-12-03), 0.32 mm at most with instance optimisation (2026-12-05), whose features are sampled from the
+    differently stored voxels (bound: 0.5 mm)."""
     as_is = register(breathing_pair.fixed, breathing_pair.moving, model=DEFAULT_WEIGHTS, device="cpu")
     other = register(stored_otherwise(breathing_pair.fixed), stored_otherwise(breathing_pair.moving),
                      model=DEFAULT_WEIGHTS, device="cpu")
@@ -119,7 +124,7 @@ def test_the_same_scans_stored_otherwise_give_the_same_mapping(breathing_pair):
     points = breathing_pair.fixed_points
     apart = np.linalg.norm(transform_points(points, other.displacement) - transform_points(points, as_is.displacement),
                            axis=1)
-    assert apart.max() < 0.3
+    assert apart.max() < 0.5
 
 
 def test_scans_that_do_not_overlap_are_refused_without_the_affine_and_aligned_with_it(breathing_pair, caplog):

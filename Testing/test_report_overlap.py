@@ -154,7 +154,7 @@ def test_cli_metrics_json_holds_the_overlap_and_lung_similarity(partial_pair, tm
     out = tmp_path / "out"
     assert main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--out", str(out),
                  "--model", str(paths["model"]), "--device", "cpu", "--fixed-mask", str(paths["mask"]),
-                 "--no-affine"]) == 0
+                 "--no-affine", "--fast"]) == 0
 
     def refuse(constant):
         raise ValueError(f"metrics.json holds {constant}")

@@ -35,7 +35,7 @@ def assert_same_grid(image: sitk.Image, reference: sitk.Image) -> None:
 
 
 def test_save_writes_the_warped_scan_and_the_field_as_the_result_holds_them(result, tmp_path):
-    paths = result.save(tmp_path / "new" / "folder")
+    paths = result.save(tmp_path / "new" / "folder", displacement_grid="fixed")
     assert sorted(paths) == ["displacement.nii.gz", "warped.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "new" / "folder").iterdir()) == sorted(paths)
     warped = sitk.ReadImage(str(paths["warped.nii.gz"]))
@@ -48,8 +48,8 @@ def test_save_writes_the_warped_scan_and_the_field_as_the_result_holds_them(resu
     assert np.abs(sitk.GetArrayFromImage(field)).max() > 5.0  # a real motion (the phantom's 6 mm shift)
 
 
-def test_save_native_grid_writes_the_native_field(result, tmp_path):
-    paths = result.save(tmp_path, displacement_grid="native")
+def test_save_writes_the_native_field_by_default(result, tmp_path):
+    paths = result.save(tmp_path)
     field = read_displacement_field(paths["displacement.nii.gz"])
     assert_same_grid(field, result.native_displacement)
     assert field.GetSize() != result.displacement.GetSize()
@@ -82,7 +82,7 @@ def test_metrics_are_what_the_command_line_writes(pair, tmp_path, monkeypatch):
                  str(tmp_path), "--model", str(pair["model"]), "--device", "cpu"]) == 0
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written == json.loads(json.dumps(results[0].metrics(pair["fixed"], pair["moving"])))
-    assert written["stages"]["kept"] == "affine + network"
+    assert written["stages"]["kept"] == "affine + network + instance optimisation"
     assert written["after"]["lung_ncc_percent"] > written["before"]["lung_ncc_percent"] + 50
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped.nii.gz"))),
                                   sitk.GetArrayFromImage(results[0].warped))

@@ -260,3 +260,15 @@ def test_license_is_apache_2():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_the_panel_help_and_readme_quote_one_speed_figure():
+    """The trade-off of the Fast option, measured once: the same sentence in the panel's tooltip, in
+    ``register --help`` and in the README."""
+    from LungUDRNetLib.cli import SPEED_NOTE
+
+    tooltip = ui_widgets()["fastCheckBox"].find("property[@name='toolTip']/string").text
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert re.search(r"bench of \d{4}-\d{2}-\d{2}", SPEED_NOTE)
+    assert SPEED_NOTE in tooltip
+    assert SPEED_NOTE in readme

@@ -14,6 +14,7 @@ import yaml
 from LungUDRNetLib import cli
 from LungUDRNetLib.checkpoint import load_model, read_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, OutputError
+from LungUDRNetLib.instance_optimisation import InstanceOptimisationConfig
 from LungUDRNetTrainerLib.config import resolve_config
 from LungUDRNetTrainerLib.training import stop_on_signals, train
 
@@ -40,6 +41,7 @@ def test_training_lowers_the_validation_loss_and_beats_the_identity(toy, tmp_pat
     model, preprocess, metadata = load_model(tmp_path / "run")  # the run folder means best.pt
     assert preprocess.grid_shape == (32, 32, 32) and model.config.encoder_channels == (4, 8, 8)
     assert metadata["epoch"] == 3 and metadata["train_config"]["learning_rate"] == 3e-3
+    assert metadata["instance_optimisation"] == InstanceOptimisationConfig().to_dict()  # the settings travel with it
 
 
 def test_resume_after_a_stop_gives_the_uninterrupted_result(toy, tmp_path):

@@ -59,9 +59,6 @@ def add_parser(subparsers) -> None:
                              "the one trained like the bundled weights, where the source tree has it)")
     parser.add_argument("--voxelmorph-weights",
                         help="checkpoint of `lungudrnet train --model voxelmorph-package` (default: as above)")
-    parser.add_argument("--refine-steps", type=int, default=Options.refine_steps,
-                        help="Adam steps of udrnet+refine on the network grid (twice as many follow on a grid "
-                             "twice as fine)")
     parser.add_argument("--elastix-iterations", type=int, default=Options.elastix_iterations,
                         help="iterations per resolution of elastix (Par0011 uses 1000)")
     parser.set_defaults(run=run_bench)
@@ -140,13 +137,14 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     machine = tables.machine_description(args.threads)
     pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
     notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
-             f"time = read pair, register, warp, write warped image and field (method only: the field "
-             f"computation alone); median of {repeats} runs after {args.warmup} warm-up (methods slower than "
-             f"{args.slow_seconds:g} s per run: fewer, see 'timed runs'), {args.threads} threads for every "
-             f"method, each in its own child process",
-             f"udrnet+refine: {options.refine_steps} Adam steps on the network grid, then "
-             f"{2 * options.refine_steps} on a grid twice as fine; elastix: Par0011-based, "
-             f"{options.elastix_iterations} iterations per resolution"]
+             f"whole process = from starting the method's process (interpreter, imports) to its first run's "
+             f"files written; time in process = read pair, register, warp, write warped image and field "
+             f"(method only: the field computation alone), median of {repeats} runs after {args.warmup} "
+             f"warm-up (methods slower than {args.slow_seconds:g} s per run: fewer, see 'timed runs'); "
+             f"{args.threads} threads for every method, each in its own child process",
+             f"udrnet: the network alone (the paper); udrnet-fast: `register --fast`; udrnet-pipeline: "
+             f"`register` (instance optimisation with the model's iterations; -2x, -4x: twice, four times as "
+             f"many); elastix: Par0011-based, {options.elastix_iterations} iterations per resolution"]
     if options.weights is None and not DEFAULT_WEIGHTS.is_file():
         notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
     for method, weights in (("udrnet-noattention", options.baseline_weights),

@@ -24,7 +24,7 @@ from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoin
 from LungUDRNetLib.io import read_displacement_field
 from LungUDRNetLib.model import UDRNet
 from LungUDRNetLib.preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
-from LungUDRNetLib.registration import predict_flow, register
+from LungUDRNetLib.registration import optimisation_for, predict_flow, register
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 
 Field = sitk.Image
@@ -37,7 +37,6 @@ class Options:
     weights: str | None = None
     baseline_weights: str | None = None
     voxelmorph_weights: str | None = None
-    refine_steps: int = 30
     elastix_iterations: int = 500
 
 
@@ -84,19 +83,22 @@ def _udrnet_model(path: str | None, attention: bool = True):
 
 
 def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, attention: bool = True,
-                  refine_steps: int = 0, pipeline: bool = False) -> Field:
+                  pipeline: bool = False, fast: bool = True, iterations_factor: int = 1) -> Field:
     """:func:`LungUDRNetLib.register`'s displacement on the fixed grid (the harness warps it itself).
 
-    ``pipeline=False``: the paper's method, the network as it is (optionally
-    refined) without affine pre-alignment or stage choice; True: everything
-    ``register`` does by default (automatic lung masks, affine, never worse
-    than doing nothing).
+    ``pipeline=False``: the paper's method, the network as it is, without
+    affine pre-alignment, instance optimisation or stage choice; True: the
+    lung masks, affine and stage choice of ``register``, with instance
+    optimisation unless ``fast`` (its model's iterations times ``iterations_factor``).
     """
     model, preprocess, info = _udrnet_model(weights, attention)
     if model.config.attention != attention:
         raise ValueError(f"the checkpoint's network has attention={model.config.attention}, expected {attention}")
-    result = register(fixed, moving, model=(model, preprocess, info), device="cpu", refine_steps=refine_steps,
-                      affine=pipeline, never_worse=pipeline)
+    optimisation = optimisation_for(info, fast)
+    if optimisation is not None:
+        optimisation = replace(optimisation, iterations=optimisation.iterations * iterations_factor)
+    result = register(fixed, moving, model=(model, preprocess, info), device="cpu", fast=fast,
+                      optimisation=optimisation, affine=pipeline, never_worse=pipeline)
     return result.displacement
 
 
@@ -105,14 +107,25 @@ def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     return _udrnet_field(fixed, moving, options.weights)
 
 
-def udrnet_refined(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
-    """UDRNet's prediction refined on this pair (:func:`LungUDRNetLib.refine.refine_two_levels`)."""
-    return _udrnet_field(fixed, moving, options.weights, refine_steps=options.refine_steps)
-
-
 def udrnet_pipeline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
-    """``lungudrnet register`` with its defaults: lung masks, affine, network, the most similar stage kept."""
+    """``lungudrnet register`` with its defaults: lung masks, affine, network, instance optimisation, the
+    most similar stage kept."""
+    return _udrnet_field(fixed, moving, options.weights, pipeline=True, fast=False)
+
+
+def udrnet_pipeline_fast(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """``lungudrnet register --fast``: as :func:`udrnet_pipeline` without instance optimisation."""
     return _udrnet_field(fixed, moving, options.weights, pipeline=True)
+
+
+def udrnet_pipeline_2x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """:func:`udrnet_pipeline` with twice the instance optimisation iterations (the accuracy-time curve)."""
+    return _udrnet_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=2)
+
+
+def udrnet_pipeline_4x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """:func:`udrnet_pipeline` with four times the instance optimisation iterations."""
+    return _udrnet_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=4)
 
 
 def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
@@ -261,8 +274,10 @@ def ants_syn(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
 METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {  # fastest first
     "identity": identity,
     "udrnet": udrnet,
+    "udrnet-fast": udrnet_pipeline_fast,
     "udrnet-pipeline": udrnet_pipeline,
-    "udrnet+refine": udrnet_refined,
+    "udrnet-pipeline-2x": udrnet_pipeline_2x,
+    "udrnet-pipeline-4x": udrnet_pipeline_4x,
     "udrnet-noattention": voxelmorph_baseline,
     "voxelmorph": voxelmorph_package,
     "sitk-demons": sitk_demons,

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 1.0), help="mm (x y z)")
     parser.add_argument("--data", default="bench_results/slicer_pair", help="folder for the generated pair")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    parser.add_argument("--refine-steps", type=int, default=0, help="instance refinement steps (default: 0)")
+    parser.add_argument("--fast", action="store_true", help="the network only, without instance optimisation")
     parser.add_argument("--make-pair", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_pair:  # in a child process, so that making the pair does not count in the peak memory
@@ -77,8 +77,7 @@ def main() -> None:
     before_mb = peak_rss_mb()
 
     started = time.perf_counter()
-    job = RegistrationLogic().start(volumes["fixed"], volumes["moving"], device=args.device,
-                                    refine_steps=args.refine_steps)
+    job = RegistrationLogic().start(volumes["fixed"], volumes["moving"], device=args.device, fast=args.fast)
     child_peak = 0.0
     while not job.poll():
         for child in psutil.Process().children(recursive=True):  # sampled: its high-water mark dies with it

@@ -30,13 +30,13 @@ class RegistrationProcess(ChildJob):
     """
 
     def __init__(self, images: dict[str, sitk.Image | None], model: str | os.PathLike | None = None,
-                 device: str = "auto", python: str | None = None, refine_steps: int = 0) -> None:
+                 device: str = "auto", python: str | None = None, fast: bool = False) -> None:
         fixed = images["fixed"]
         self._geometry = (fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
         self._folder = Path(tempfile.mkdtemp(prefix="LungUDRNet-"))
         try:
             args = ["-m", "LungUDRNetLib.cli", "--progress-json", "register", "--out", str(self._folder / "out"),
-                    "--device", device, "--refine-steps", str(refine_steps), "--displacement-grid", "native"]
+                    "--device", device, "--displacement-grid", "native", *(["--fast"] if fast else [])]
             for key, image in images.items():
                 if image is not None:
                     path = self._folder / f"{key}.nrrd"

@@ -22,6 +22,12 @@ from .errors import CancelledError, LungUDRNetError, ResourceError
 
 log = logging.getLogger("LungUDRNetLib")
 COMMANDS_GROUP = "lungudrnet.commands"
+# Measured figures quoted by --help (the same sentences are in the README and the panel: one fact, one figure).
+SPEED_NOTE = ("on a 192x192x208 breathing pair the whole register command took 9.5-12.1 s, 8.3-8.6 s with "
+              "--fast; on the bench's 7 breathing pairs mean TRE 0.32 mm, 1.53 mm with --fast (bench of 2026-12-05, "
+              "2-core CPU)")
+NATIVE_NOTE = ("e.g. 97x71x106 nodes, 8.0 MB, for a 192x192x208 pair whose field on the fixed grid takes 83 MB; "
+               "measured 2026-12-05")
 AddParsers = Callable[[argparse._SubParsersAction], None]
 
 
@@ -78,16 +84,17 @@ def add_register_parser(subparsers) -> None:
     parser.add_argument("--moving-series", metavar="UID", help="the same for --moving")
     parser.add_argument("--max-memory", metavar="SIZE", help="refuse to start if the estimated peak memory exceeds "
                                                              "SIZE, e.g. 8G or 512M (default: the available memory)")
-    parser.add_argument("--refine-steps", type=int, default=0, metavar="N",
-                        help="instance refinement: N Adam steps on the network grid, then 2N on a grid twice as "
-                             "fine (slower, more exact; 30 steps: 13.9 s instead of 2.7 s per Learn2Reg-size pair, "
-                             "mean TRE 2.53 -> 0.75 mm, bench of 2026-12-01 on 2 CPU threads); 0 = network only")
-    parser.add_argument("--displacement-grid", choices=("fixed", "native"), default="fixed",
-                        help="grid of displacement.nii.gz: 'fixed' = the fixed image's own grid (12 bytes per fixed "
-                             "voxel: 0.94 GB for 512x512x300); 'native' = the resolution the field really has, the "
-                             "network grid (finer with --refine-steps) extended to cover the fixed image, which "
-                             "tools interpolate to the same field at every fixed voxel (e.g. 82x113x79 nodes, 8.4 MB for a "
-                             "512x512x300 scan: about 1%% of the fixed grid)")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"the network's field only, without instance optimisation on this pair ({SPEED_NOTE})")
+    parser.add_argument("--iterations", type=int, metavar="N",
+                        help="Gauss-Newton iterations of instance optimisation (default: the model's setting, "
+                             "3 for the bundled weights; more: slower, rarely more exact)")
+    parser.add_argument("--displacement-grid", choices=("native", "fixed"), default="native",
+                        help="grid of displacement.nii.gz: 'native' = the resolution the field really has, "
+                             "the displacement grid of instance optimisation (the network grid with --fast) "
+                             "extended to cover the fixed image, which "
+                             f"tools interpolate to the same field at every fixed voxel ({NATIVE_NOTE}); 'fixed' = "
+                             "the fixed image's own grid, for tools that need it there (12 bytes per fixed voxel)")
     parser.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine pre-alignment (the network alone, as in the paper); by default the "
                              "result keeps whichever of identity, affine, network and affine + network is most "
@@ -132,7 +139,7 @@ def run_register(args: argparse.Namespace) -> None:
     from .io import read_image, read_image_header
     from .outputs import check_output_dir
     from .preprocess import mask_on_image_grid
-    from .registration import check_register_memory, register
+    from .registration import check_register_memory, optimisation_for, register
 
     paths = {"fixed image": args.fixed, "moving image": args.moving, "fixed mask": args.fixed_mask,
              "moving mask": args.moving_mask}
@@ -141,14 +148,15 @@ def run_register(args: argparse.Namespace) -> None:
     out_dir = check_output_dir(args.out, list(paths.values()), args.overwrite)
     headers = {what: read_image_header(path, what, series.get(what)) for what, path in paths.items()}
     model = load_model(args.model)
-    check_register_memory(headers, model[0], model[1], args.max_memory, report=True, refine=args.refine_steps > 0)
+    optimisation = optimisation_for(model[2], args.fast, args.iterations)
+    check_register_memory(headers, model[0], model[1], args.max_memory, report=True, optimisation=optimisation)
     images = {what: read_image(path, what, series.get(what)) for what, path in paths.items()}
     fixed, moving = images["fixed image"], images["moving image"]
     masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
              for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
     result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
                       moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
-                      refine_steps=args.refine_steps, affine=args.affine)
+                      fast=args.fast, optimisation=optimisation, affine=args.affine)
     report = result.metrics(fixed, moving, masks.get("fixed mask"), masks.get("moving mask"))
     written = result.save(out_dir, overwrite=args.overwrite, displacement_grid=args.displacement_grid, metrics=report)
     progress_events.emit("result", paths={name: str(path) for name, path in written.items()})
@@ -159,7 +167,8 @@ def _run_cohort(args: argparse.Namespace) -> None:
     from .cohort import CohortError, Options, run_cohort
 
     options = Options(model=args.model, device=args.device, max_memory=args.max_memory,
-                      refine_steps=args.refine_steps, affine=args.affine, displacement_grid=args.displacement_grid)
+                      fast=args.fast, iterations=args.iterations, affine=args.affine,
+                      displacement_grid=args.displacement_grid)
     outcome = run_cohort(args.pairs, args.out, options, jobs=args.jobs, overwrite=args.overwrite,
                          progress=not args.quiet)
     if outcome.summary is None:  # a torchrun rank other than 0: rank 0 reports

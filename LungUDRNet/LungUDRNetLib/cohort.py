@@ -69,9 +69,10 @@ class Options:
     model: str | None = None
     device: str = "auto"
     max_memory: str | None = None
-    refine_steps: int = 0
+    fast: bool = False
+    iterations: int | None = None
     affine: bool = True
-    displacement_grid: str = "fixed"
+    displacement_grid: str = "native"
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,7 @@ def _register(task: Task, options: Options, model: tuple) -> dict:
     from .io import read_image, read_image_header
     from .outputs import check_output_dir
     from .preprocess import mask_on_image_grid
-    from .registration import check_register_memory, register
+    from .registration import check_register_memory, optimisation_for, register
 
     row = task.row
     missing = row.missing_files()
@@ -328,8 +329,8 @@ def _register(task: Task, options: Options, model: tuple) -> dict:
     paths = {what: path for what, path in paths.items() if path is not None}
     check_output_dir(task.folder, list(row.files.values()), True)
     headers = {what: read_image_header(path, what) for what, path in paths.items()}
-    check_register_memory(headers, model[0], model[1], options.max_memory, report=True,
-                          refine=options.refine_steps > 0)
+    optimisation = optimisation_for(model[2], options.fast, options.iterations)
+    check_register_memory(headers, model[0], model[1], options.max_memory, report=True, optimisation=optimisation)
     images = {what: read_image(path, what) for what, path in paths.items()}
     fixed, moving = images["fixed image"], images["moving image"]
     masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
@@ -337,7 +338,7 @@ def _register(task: Task, options: Options, model: tuple) -> dict:
     points = _points(row, fixed, moving)
     result = register(fixed, moving, model=model, device=options.device, fixed_mask=masks.get("fixed mask"),
                       moving_mask=masks.get("moving mask"), max_memory=options.max_memory,
-                      refine_steps=options.refine_steps, affine=options.affine)
+                      fast=options.fast, optimisation=optimisation, affine=options.affine)
     report = result.metrics(fixed, moving, masks.get("fixed mask"), masks.get("moving mask"), *points)
     report["cohort"] = {"pair": task.name, "row": row.number, "rank": task.rank, "fixed": row.cells["fixed"],
                         "moving": row.cells["moving"]}

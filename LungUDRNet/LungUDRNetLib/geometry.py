@@ -108,7 +108,7 @@ def resample_field(field: sitk.Image, reference: sitk.Image,
 
 def flow_on_grid(flow: np.ndarray, grid: sitk.Image, target: sitk.Image) -> np.ndarray:
     """A network voxel flow [3, D, H, W] on ``grid`` as the voxel flow of the same physical field on
-    ``target`` (e.g. between the network grid and the refinement's finer grid)."""
+    ``target`` (e.g. between the network grid and the displacement grid of instance optimisation)."""
     return field_to_voxel_flow(resample_field(voxel_flow_to_field(flow, grid), target))
 
 
@@ -132,6 +132,22 @@ def covering_grid(grid: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, 
     covering.SetSpacing(grid.GetSpacing())
     covering.SetDirection(grid.GetDirection())
     return covering, before
+
+
+def resized_grid(grid: sitk.Image, shape_xyz) -> sitk.Image:
+    """An empty float32 image covering the same box as ``grid`` (outer voxel faces, same centre and
+    direction) with ``shape_xyz`` voxels along (i, j, k); spacing = ``grid``'s box / shape. Averaging
+    blocks of f^3 voxels of a grid of shape f * n gives the values at the voxels of the grid of shape n."""
+    shape = np.asarray([int(n) for n in shape_xyz])
+    if shape.shape != (3,) or shape.min() < 1:
+        raise ValueError(f"grid shape must be three positive sizes, not {tuple(shape_xyz)}")
+    spacing = np.asarray(grid.GetSize()) * np.asarray(grid.GetSpacing()) / shape
+    centre = index_to_points((np.asarray(grid.GetSize(), dtype=float)[None] - 1) / 2, grid)[0]
+    resized = sitk.Image([int(n) for n in shape], sitk.sitkFloat32)
+    resized.SetSpacing(tuple(float(v) for v in spacing))
+    resized.SetDirection(grid.GetDirection())
+    resized.SetOrigin(tuple(float(v) for v in centre - direction_matrix(grid) @ (spacing * (shape - 1) / 2)))
+    return resized
 
 
 def field_to_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:

@@ -44,12 +44,14 @@ TRUNCATED = ("the voxel data are truncated or corrupt (the header was read, the 
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """What an image header tells before the voxels are read: size (x, y, z voxels) and voxel type."""
+    """What an image header tells before the voxels are read: size (x, y, z voxels), voxel type and
+    spacing (mm along x, y, z)."""
 
     size: tuple[int, ...]
     components: int = 1
     component_bytes: int = 4
     complex_values: bool = False
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     @property
     def voxels(self) -> int:
@@ -65,7 +67,7 @@ class ImageHeader:
     def of(cls, image: sitk.Image) -> "ImageHeader":
         """The header of an image in memory."""
         return cls(tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel(), image.GetSizeOfPixelComponent(),
-                   image.GetPixelID() in COMPLEX_PIXEL_IDS)
+                   image.GetPixelID() in COMPLEX_PIXEL_IDS, tuple(image.GetSpacing()))
 
 
 def _suffix(path: Path) -> str:
@@ -141,11 +143,11 @@ def _read_header(files: list[str], path: Path, what: str) -> ImageHeader:
         raise InputError(f"{what} {path}: cannot be read as an image ({_itk_reason(error)})") from None
     size = reader.GetSize() if len(files) == 1 else (*reader.GetSize()[:2], len(files))
     if reader.GetPixelID() in COMPLEX_PIXEL_IDS:
-        header = ImageHeader(tuple(size), complex_values=True)
+        header = ImageHeader(tuple(size), complex_values=True, spacing=tuple(reader.GetSpacing()))
     else:
         component_bytes = sitk.Image([1] * 3, reader.GetPixelID(),
                                      reader.GetNumberOfComponents()).GetSizeOfPixelComponent()
-        header = ImageHeader(tuple(size), reader.GetNumberOfComponents(), component_bytes)
+        header = ImageHeader(tuple(size), reader.GetNumberOfComponents(), component_bytes, spacing=tuple(reader.GetSpacing()))
     check_header(header, f"{what} {path}")
     check_grid(reader.GetSpacing(), reader.GetDirection(), reader.GetOrigin(), f"{what} {path}")
     return header

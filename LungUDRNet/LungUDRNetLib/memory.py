@@ -12,11 +12,10 @@ overlap in time:
   temporaries of resampling, plus a float32 copy of the moving image; with
   the report (``lungudrnet register``), also its similarity and Jacobian
   temporaries;
-* with instance refinement, ``REFINE_BYTES`` per voxel of its finest grid
-  (Adam state, autograd of the warp and the loss), added to the fixed-grid
-  stage because the allocator keeps much of it after the refinement: a
-  192x192x208 pair refined on a 128^3 grid peaked at 1.32 GB above the
-  runtime, 0.29 GB more than without refinement (estimate: 1.7 GB).
+* with instance optimisation, ``OPTIMISATION_BYTES`` per voxel of its
+  feature grid (the MIND-SSC channels and their temporaries, then the Adam
+  state and autograd on the coarser displacement grid), added to the
+  fixed-grid stage because the allocator keeps much of it afterwards.
 
 The coefficients were calibrated on CPU with the peak resident memory
 (``ru_maxrss``) of ``lungudrnet register`` in a fresh process, for fixed and
@@ -26,7 +25,6 @@ rounded up (see the figures in the constants' comments).
 
 from __future__ import annotations
 
-import math
 import re
 
 import psutil
@@ -40,7 +38,10 @@ NETWORK_BYTES_PER_CHANNEL = 11  # measured 10.2 (default widths) and 9.2 (double
 FIXED_GRID_BYTES = 96  # per fixed voxel, register() only
 REPORT_BYTES = 40  # per fixed voxel, extra for the report of ``lungudrnet register``
 MOVING_BYTES = 8  # per moving voxel beyond its stored size
-REFINE_BYTES = 300  # per voxel of the finest refinement grid: measured 222-367 (96^3 to 160^3 grids)
+# per voxel of the instance optimisation's feature grid: measured at most 47 (the bench's udrnet-pipeline child
+# against udrnet-fast's, peak RSS, 192x192x208 and 512x512x61 pairs, 2026-12-05); the estimate takes the
+# whole fixed image's box, not the lungs', so it is larger still
+OPTIMISATION_BYTES = 64
 UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -68,14 +69,14 @@ def network_bytes(grid_shape: tuple[int, int, int], model: UDRNetConfig) -> int:
 
 def registration_bytes(fixed: ImageHeader, moving: ImageHeader, grid_shape: tuple[int, int, int],
                        model: UDRNetConfig, masks: tuple[ImageHeader, ...] = (), report: bool = False,
-                       refine_grid: tuple[int, int, int] | None = None) -> int:
+                       feature_voxels: int | None = None) -> int:
     """Estimated peak bytes of registering ``moving`` onto ``fixed`` (and writing the report if ``report``;
-    with instance refinement whose finest grid is ``refine_grid``, if given)."""
+    with instance optimisation on a feature grid of ``feature_voxels`` voxels, if given)."""
     inputs = fixed.nbytes + moving.nbytes + sum(mask.nbytes for mask in masks)
     per_fixed_voxel = FIXED_GRID_BYTES + (REPORT_BYTES if report else 0)
     fixed_grid = fixed.voxels * per_fixed_voxel + moving.voxels * MOVING_BYTES
-    refinement = REFINE_BYTES * math.prod(refine_grid) if refine_grid else 0
-    return inputs + max(network_bytes(grid_shape, model), fixed_grid + refinement)
+    optimisation = OPTIMISATION_BYTES * feature_voxels if feature_voxels else 0
+    return inputs + max(network_bytes(grid_shape, model), fixed_grid + optimisation)
 
 
 def memory_limit(max_memory: str | int | None = None) -> tuple[int, str]:

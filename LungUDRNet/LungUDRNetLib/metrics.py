@@ -13,8 +13,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _pieces(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None):
-    """Matching float64 1-D pieces of the two arrays (only voxels where ``mask`` is True, when given),
-    one slice of the first axis at a time: a 512x512x300 image is never copied whole in float64."""
+    """Matching float32 1-D pieces of the two arrays (only voxels where ``mask`` is True, when given),
+    one slice of the first axis at a time: a 512x512x300 image is never copied whole."""
     fixed, warped = np.asarray(fixed), np.asarray(warped)
     if fixed.shape != warped.shape or (mask is not None and np.shape(mask) != fixed.shape):
         raise ValueError(f"shapes differ: fixed {fixed.shape}, warped {warped.shape}"
@@ -24,34 +24,36 @@ def _pieces(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None):
     keep = None if mask is None else np.asarray(mask, dtype=bool).reshape(rows, -1)
     for row in range(rows):
         f, w = (fixed[row], warped[row]) if keep is None else (fixed[row][keep[row]], warped[row][keep[row]])
-        yield f.astype(np.float64), w.astype(np.float64)
+        yield f.astype(np.float32, copy=False), w.astype(np.float32, copy=False)
+
+
+def _sums(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Voxel count and the sums of f, w, f^2, w^2 and f w over the compared voxels, accumulated in float64
+    slice by slice."""
+    sums = np.zeros(6)
+    for f, w in _pieces(fixed, warped, mask):
+        sums += (f.size, f.sum(dtype=np.float64), w.sum(dtype=np.float64), np.dot(f.astype(np.float64), f),
+                 np.dot(w.astype(np.float64), w), np.dot(f.astype(np.float64), w))
+    return sums
 
 
 def mse(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Eq. 6: mean squared difference over all voxels, or those where ``mask`` is True (NaN if none)
     (on [0, 1]-normalised images, 1 - MSE is the paper's score)."""
-    total, count = 0.0, 0
-    for f, w in _pieces(fixed, warped, mask):
-        total += float(np.dot(f - w, f - w))
-        count += f.size
-    return total / count if count else float("nan")
+    count, _, _, ff, ww, fw = _sums(fixed, warped, mask)
+    return float(max(ff + ww - 2.0 * fw, 0.0) / count) if count else float("nan")
 
 
 def ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Eq. 7: global normalised cross-correlation in [-1, 1] over all voxels, or those where ``mask``
     is True (0 if either image is constant there, NaN if there are none)."""
-    count, sum_f, sum_w = 0, 0.0, 0.0
-    for f, w in _pieces(fixed, warped, mask):
-        count, sum_f, sum_w = count + f.size, sum_f + float(f.sum()), sum_w + float(w.sum())
+    count, sum_f, sum_w, ff, ww, fw = _sums(fixed, warped, mask)
     if not count:
         return float("nan")
-    mean_f, mean_w = sum_f / count, sum_w / count
-    cross, var_f, var_w = 0.0, 0.0, 0.0
-    for f, w in _pieces(fixed, warped, mask):
-        f, w = f - mean_f, w - mean_w
-        cross, var_f, var_w = cross + float(np.dot(f, w)), var_f + float(np.dot(f, f)), var_w + float(np.dot(w, w))
-    denominator = np.sqrt(var_f * var_w)
-    return 0.0 if denominator == 0 else float(cross / denominator)
+    cross, var_f, var_w = fw - sum_f * sum_w / count, ff - sum_f ** 2 / count, ww - sum_w ** 2 / count
+    if var_f <= 1e-9 * ff or var_w <= 1e-9 * ww:  # constant, up to the rounding of the sums
+        return 0.0
+    return float(np.clip(cross / np.sqrt(var_f * var_w), -1.0, 1.0))
 
 
 def target_registration_error(mapped_points_mm: np.ndarray, moving_points_mm: np.ndarray) -> np.ndarray:

@@ -49,15 +49,16 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
 
 
 def write_result(result: RegistrationResult, report: dict | None, out_dir: str | Path,
-                 displacement_grid: str = "fixed", overwrite: bool = False) -> dict[str, Path]:
+                 displacement_grid: str = "native", overwrite: bool = False) -> dict[str, Path]:
     """Write warped image, displacement field and (unless ``report`` is None) metrics; on failure none of
     them is left behind, nor the folders this call created. Existing files are refused unless ``overwrite``
     (see :func:`check_output_dir`), also those another run wrote meanwhile: the folder is locked while
     writing (:func:`.output_folder.output_lock`; a run writing there at the same time is refused).
 
-    ``displacement_grid``: ``"fixed"`` writes ``result.displacement`` (the fixed
-    image's grid), ``"native"`` ``result.native_displacement`` (the network's
-    resolution, covering the fixed image; see :class:`RegistrationResult`).
+    ``displacement_grid``: ``"native"`` writes ``result.native_displacement``
+    (the field's own resolution, covering the fixed image; see
+    :class:`RegistrationResult`), ``"fixed"`` ``result.displacement`` (the
+    fixed image's grid, e.g. for tools that need it there).
     """
     if displacement_grid not in DISPLACEMENT_GRIDS:
         raise ValueError(f"displacement grid {displacement_grid!r}: use one of {', '.join(DISPLACEMENT_GRIDS)}")

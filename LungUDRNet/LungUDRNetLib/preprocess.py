@@ -263,8 +263,8 @@ def flow_to_fixed_field(flow: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -
 
 
 def native_field_grid(fixed: sitk.Image, grid: sitk.Image) -> sitk.Image:
-    """The grid of the field at the resolution it really has: the network ``grid`` (or the refinement's
-    finer grid), which has ``fixed``'s axes, extended by whole nodes until it covers ``fixed``.
+    """The grid of the field at the resolution it really has: the network ``grid`` (or the displacement grid of
+    instance optimisation), which has ``fixed``'s axes, extended by whole nodes until it covers ``fixed``.
 
     See :func:`.geometry.covering_grid`: the nodes are the network's voxel
     centres plus as many beyond each face as reach ``fixed``'s outermost voxel

@@ -2,8 +2,8 @@
 
 Stages: images (any geometry) -> lung masks (given, else automatic:
 :mod:`.lung_mask`) -> affine pre-alignment (:mod:`.affine`) -> network grid
-(:mod:`.preprocess`) -> UDRNet voxel flow -> optional refinement
-(:mod:`.refine`) -> the stage to keep (:mod:`.stage_choice`: never worse than
+(:mod:`.preprocess`) -> UDRNet voxel flow -> instance optimisation on MIND-SSC
+features (:mod:`.instance_optimisation`; skipped with ``fast``) -> the stage to keep (:mod:`.stage_choice`: never worse than
 doing nothing) -> LPS mm field, composed with the affine, on its native grid
 and on the fixed image's own grid (:mod:`.geometry`) -> warped moving image
 and transform.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +33,15 @@ from .memory import check_memory, registration_bytes
 from .model import UDRNet
 from .preprocess import (PreprocessConfig, flow_to_native_field, mask_on_image_grid, normalise_ct, prepare_pair,
                          read_mask, replace_non_finite, to_grid, warn_if_not_ct)
-from .refine import finer_config, refine_two_levels
+from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, optimise
 from .stage_choice import Candidate, StageScore, choose, grid_points
 from .warp import warp
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+OPTIMISED = "instance optimisation"  # the stage's name, after the stage it started from
+MAX_FOLDED_PERCENT = 0.1  # an optimised field folding more of its grid (and more than its start) is not used
 
 
 @dataclass
@@ -52,7 +54,7 @@ class RegistrationResult:
     holds ``native_displacement`` (the same mapping at every fixed voxel).
     ``native_displacement`` is the same field (LPS mm, VectorFloat32) at the
     resolution it really has: on :func:`.preprocess.native_field_grid`, the
-    network grid ``grid`` (fixed image's axes; the finer grid after refinement)
+    network grid ``grid`` (fixed image's axes; the displacement grid of instance optimisation)
     extended to cover the fixed image. Interpolated linearly (SimpleITK, ITK,
     Slicer) it is the network's own trilinear field and gives ``displacement``
     at every fixed voxel; between fixed voxels, interpolating ``displacement``
@@ -95,14 +97,15 @@ class RegistrationResult:
         fixed_mask, moving_mask = _mask(fixed_mask, fixed, "fixed mask"), _mask(moving_mask, moving, "moving mask")
         return registration_report(fixed, moving, self, fixed_mask, moving_mask, fixed_points, moving_points)
 
-    def save(self, folder: str | os.PathLike, overwrite: bool = False, displacement_grid: str = "fixed",
+    def save(self, folder: str | os.PathLike, overwrite: bool = False, displacement_grid: str = "native",
              metrics: dict | None = None) -> dict[str, Path]:
         """Write the result files of ``lungudrnet register`` into ``folder`` (created if needed).
 
         ``warped.nii.gz``: the warped moving scan on the fixed grid.
         ``displacement.nii.gz``: the pull field u (LPS mm, an ITK displacement
-        field file; see :func:`.io.read_transform`) on the fixed grid, or with
-        ``displacement_grid="native"`` on its native grid (``native_displacement``).
+        field file; see :func:`.io.read_transform`) on its native grid
+        (``native_displacement``), or with ``displacement_grid="fixed"`` on the
+        fixed grid.
         ``metrics.json``: ``metrics``, e.g. from :meth:`metrics`, when given.
         Existing files are refused unless ``overwrite``; all files are written
         or none (:class:`.errors.OutputError`). Returns the paths by file name.
@@ -286,10 +289,11 @@ def _choose(fixed_net: np.ndarray, fixed_lungs_net: np.ndarray | None, moving: s
     return next(branch for branch in branches if branch.name == kept), scores
 
 
-def _warn_if_dropped(kept: Branch, scores: list[StageScore], refined: bool) -> None:
-    """Say so when the network (or the refinement) lowered the similarity and an earlier result was kept."""
-    dropped = [score for score in scores if "network" in score.stage or "refinement" in score.stage]
-    if "network" not in kept.name or (refined and "refinement" not in kept.name):
+def _warn_if_dropped(kept: Branch, scores: list[StageScore], optimised: bool) -> None:
+    """Say so when the network (or instance optimisation) lowered the similarity and an earlier result was
+    kept."""
+    dropped = [score for score in scores if "network" in score.stage or OPTIMISED in score.stage]
+    if "network" not in kept.name or (optimised and OPTIMISED not in kept.name):
         worst = [f"{score.stage} {score.lung_ncc_percent:.1f}%" for score in dropped
                  if score.lung_ncc_percent is not None and score.stage != kept.name]
         hint = ("this pair may be unlike the training data" if kept.name == "identity"
@@ -302,25 +306,59 @@ def _score_of(scores: list[StageScore], name: str) -> float:
     return next((score.lung_ncc_percent for score in scores if score.stage == name), None) or -np.inf
 
 
+def optimisation_settings(info: dict) -> InstanceOptimisationConfig:
+    """The instance optimisation settings stored with a model (its metadata); the defaults without any."""
+    try:
+        return InstanceOptimisationConfig.from_metadata(info)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"model {info.get('path')}: its instance optimisation settings are not valid ({error}); "
+                         "use a checkpoint as `lungudrnet train` saved it") from None
+
+
+def optimisation_for(info: dict, fast: bool = False, iterations: int | None = None
+                     ) -> InstanceOptimisationConfig | None:
+    """The instance optimisation a registration runs: None with ``fast``, else the model's settings
+    (:func:`optimisation_settings`) with ``iterations`` if given (:class:`InputError` if negative)."""
+    if fast:
+        return None
+    if iterations is not None and iterations < 0:
+        raise InputError(f"instance optimisation iterations: must not be negative, not {iterations}")
+    settings = optimisation_settings(info)
+    return settings if iterations is None else replace(settings, iterations=iterations)
+
+
+def _network_box_mm(fixed: ImageHeader, config: PreprocessConfig) -> np.ndarray:
+    """The largest extent (mm along x, y, z) the network grid can have on a fixed image of this header."""
+    if config.grid_mode == "canonical":
+        return np.asarray(config.grid_shape[::-1], dtype=float) * config.grid_spacing_mm
+    if config.grid_mode == "crop":
+        return np.asarray(config.grid_shape[::-1], dtype=float) * np.asarray(fixed.spacing)
+    return np.asarray(fixed.size) * np.asarray(fixed.spacing) + 2 * config.roi_margin_mm
+
+
 def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
-                          max_memory: str | int | None, report: bool = False, refine: bool = False) -> None:
+                          max_memory: str | int | None, report: bool = False,
+                          optimisation: InstanceOptimisationConfig | None = None) -> None:
     """Refuse (:class:`ResourceError`) a registration whose estimated peak memory exceeds the limit.
 
     ``headers`` maps "fixed image", "moving image" and any masks to their
-    headers; ``report`` adds the report of ``lungudrnet register``, ``refine``
-    instance refinement (see :mod:`.memory`).
+    headers; ``report`` adds the report of ``lungudrnet register``,
+    ``optimisation`` instance optimisation with these settings (see :mod:`.memory`).
     """
     fixed, moving = headers["fixed image"], headers["moving image"]
     masks = tuple(header for name, header in headers.items() if "mask" in name)
-    refine_grid = finer_config(config).grid_shape if refine else None
-    needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report, refine_grid)
+    features = None
+    if optimisation is not None and optimisation.iterations:
+        features = feature_voxels(_network_box_mm(fixed, config), optimisation)
+    needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report, features)
     size = "x".join(map(str, fixed.size))
     check_memory(needed, max_memory, f"registration onto the {size}-voxel fixed image")
 
 
 def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, moving_mask=None,
              preprocess: PreprocessConfig | None = None, progress: Progress | None = None,
-             max_memory: str | int | None = None, refine_steps: int = 0, affine: bool = True,
+             max_memory: str | int | None = None, fast: bool = False,
+             optimisation: InstanceOptimisationConfig | None = None, affine: bool = True,
              never_worse: bool = True) -> RegistrationResult:
     """Deformably register ``moving`` onto ``fixed`` (images or file paths).
 
@@ -336,9 +374,10 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     network as it is).
     ``max_memory`` (bytes or e.g. "8G"; default: the memory available now)
     bounds the estimated peak memory, checked before the voxels are read.
-    ``refine_steps`` > 0 adds instance refinement of the network's field on
-    this pair (:func:`.refine.refine_two_levels`: that many Adam steps on the
-    network grid, twice as many on a grid twice as fine); slower, more exact.
+    By default the network's field is then fitted to this pair by instance
+    optimisation on MIND-SSC features (:mod:`.instance_optimisation`) with
+    the model's stored settings, or ``optimisation`` if given; ``fast=True``
+    keeps the network's single forward pass (the paper's method).
     ``progress(fraction, message)`` is called between steps.
 
     Raises the :mod:`.errors` types: :class:`InputError` (unusable image or
@@ -351,14 +390,13 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     started = time.perf_counter()
     net, config, info = _resolve_model(model, preprocess)
     target = resolve_device(device)
-    if refine_steps < 0:
-        raise InputError(f"refinement steps: must not be negative, not {refine_steps}")
+    optimisation = None if fast else optimisation or optimisation_settings(info)
     if min(config.grid_shape) < net.minimum_size:
         raise InputError(f"network grid {config.grid_shape} is smaller than the network's minimum "
                          f"{net.minimum_size} voxels per axis")
     inputs = {"fixed image": fixed, "moving image": moving, "fixed mask": fixed_mask, "moving mask": moving_mask}
     headers = {what: _header(value, what) for what, value in inputs.items() if value is not None}
-    check_register_memory(headers, net, config, max_memory, refine=refine_steps > 0)
+    check_register_memory(headers, net, config, max_memory, optimisation=optimisation)
     fixed_image = _ct_image(fixed, "fixed image")
     moving_image = _ct_image(moving, "moving image")
     fixed_mask = _mask(fixed_mask, fixed_image, "fixed mask")
@@ -410,27 +448,31 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
     timings["choice"] = time.perf_counter() - step
 
-    if refine_steps:
-        report(0.5, f"refining the field on this pair ({refine_steps} + {2 * refine_steps} steps)")
+    optimising = optimisation is not None and optimisation.iterations > 0
+    if optimising:
+        report(0.5, f"instance optimisation on this pair ({optimisation.iterations} iterations)")
         step = time.perf_counter()
         start_from = kept if kept.flow is not None else max((b for b in branches if b.flow is not None),
                                                             key=lambda b: _score_of(scores, b.name))
-        flow, fine_grid = refine_two_levels(start_from.flow, (grid, fixed_net, start_from.moving_net), fixed_image,
-                                            moving_image, config, refine_steps, used, fixed_lungs,
-                                            start_from.transform)
-        on_grid = flow_on_grid(flow, fine_grid, grid)
-        refined = Branch(f"{start_from.name} + refinement", start_from.transform, grid, start_from.moving_net,
-                         on_grid.astype(np.float32))
-        kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, refined],
-                               [*candidates, _candidate(refined, points)], never_worse)
-        if kept is refined:
-            kept = Branch(refined.name, refined.transform, fine_grid, None, flow)
-        timings["refine"] = time.perf_counter() - step
+        result = optimise(start_from.flow, grid, fixed_image, moving_image, config, optimisation,
+                          start_from.transform, used)
+        optimised = Branch(f"{start_from.name} + {OPTIMISED}", start_from.transform, grid, start_from.moving_net,
+                           flow_on_grid(result.flow, result.grid, grid))
+        if result.folded_percent > max(MAX_FOLDED_PERCENT, result.start_folded_percent):
+            log.warning("instance optimisation folded %.2f%% of its grid (more than %g%% and than the %.2f%% of "
+                        "the field it started from); its field is not used", result.folded_percent,
+                        MAX_FOLDED_PERCENT, result.start_folded_percent)
+        else:
+            kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, optimised],
+                                   [*candidates, _candidate(optimised, points)], never_worse)
+        if kept is optimised:
+            kept = Branch(optimised.name, optimised.transform, result.grid, None, result.flow)
+        timings["instance optimisation"] = time.perf_counter() - step
     if apart and kept.transform is None:
         raise InputError(f"{apart}, and the affine pre-alignment could not align them (lungs not found in both, "
                          "or its result was not kept); pass lung masks, or check that both scans are of this patient")
     if never_worse:
-        _warn_if_dropped(kept, scores, refined=refine_steps > 0)
+        _warn_if_dropped(kept, scores, optimised=optimising)
 
     report(0.7, "mapping the displacement field to the fixed image grid")
     step = time.perf_counter()

@@ -82,7 +82,7 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
       (with both masks); ``tre_mm`` (with points). The masks default to
       those the registration used (given or automatic: ``stages.lung_masks``).
     * ``stages``: which stage was kept (identity, affine, network or
-      refinement) and each stage's lung NCC on the network grid.
+      instance optimisation) and each stage's lung NCC on the network grid.
     * ``jacobian``: SDlogJ and folding of the field on its native grid (the
       resolution it really has; the fixed grid where there is none).
 

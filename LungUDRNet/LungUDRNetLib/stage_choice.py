@@ -1,7 +1,7 @@
 """Never worse than doing nothing: a registration stage is kept only if it raises the lung similarity.
 
-The candidates (identity, affine, network, refinement, in that order) are
-compared on the network grid: NCC between the normalised fixed image and the
+The candidates (identity, affine, network, instance optimisation, in that
+order) are compared on the network grid: NCC between the normalised fixed image and the
 moving image as each candidate maps it, over the fixed lungs (the whole grid
 without a mask) where every compared candidate samples inside the moving scan.
 A candidate that maps less than half as much of that region into the moving

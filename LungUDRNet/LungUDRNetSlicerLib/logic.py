@@ -68,14 +68,14 @@ class RegistrationLogic:
 
     def process(self, fixed_volume, moving_volume, fixed_mask=None, moving_mask=None, model=None,
                 device: str = "auto", warped_volume=None, transform=None, show_aligned: bool = True,
-                progress: Progress | None = None, refine_steps: int = 0) -> RegistrationOutput:
+                progress: Progress | None = None, fast: bool = False) -> RegistrationOutput:
         """Register ``moving_volume`` onto ``fixed_volume`` and add the warped volume and transform.
 
         ``model``: checkpoint path, a ``UDRNet`` or None for the bundled weights;
         ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cuda"`` or ``"cpu"``.
         ``warped_volume``/``transform``: nodes to fill, or None for new ones.
         ``show_aligned`` puts the moving volume under the transform.
-        ``refine_steps`` > 0 refines the network's field on this pair (see ``register``).
+        ``fast`` keeps the network's field, without instance optimisation on this pair (see ``register``).
         ``progress(fraction, message)`` is called between steps; an exception
         raised by it (e.g. :class:`~LungUDRNetLib.errors.CancelledError`)
         stops the run with the scene unchanged: nodes are made only at the end.
@@ -89,14 +89,14 @@ class RegistrationLogic:
         with warnings_as_notes(notes):
             result = register(images["fixed"], images["moving"], model=model, device=device,
                               fixed_mask=images["fixed_mask"], moving_mask=images["moving_mask"], progress=progress,
-                              refine_steps=refine_steps)
+                              fast=fast)
             report = registration_report(images["fixed"], images["moving"], result,
                                          images["fixed_mask"], images["moving_mask"])
         return plan.make(result.warped, result.native_displacement, report, notes)
 
     def start(self, fixed_volume, moving_volume, fixed_mask=None, moving_mask=None,
               model: str | Path | None = None, device: str = "auto", warped_volume=None, transform=None,
-              show_aligned: bool = True, refine_steps: int = 0, python: str | None = None) -> RegistrationJob:
+              show_aligned: bool = True, fast: bool = False, python: str | None = None) -> RegistrationJob:
         """Like :meth:`process`, but in a child process (``lungudrnet register``); returns at once.
 
         The input volumes are copied now; the outputs are made by
@@ -108,7 +108,7 @@ class RegistrationLogic:
 
         images = input_images(fixed_volume, moving_volume, fixed_mask, moving_mask)
         plan = OutputPlan(fixed_volume, moving_volume, warped_volume, transform, show_aligned, device)
-        process = RegistrationProcess(images, model=model, device=device, python=python, refine_steps=refine_steps)
+        process = RegistrationProcess(images, model=model, device=device, python=python, fast=fast)
         return RegistrationJob(process, plan)
 
     def track_lesions(self, lesions, transform) -> LesionTracking:

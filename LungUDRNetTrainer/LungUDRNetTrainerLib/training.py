@@ -50,6 +50,7 @@ from tqdm import tqdm
 from LungUDRNetLib import metrics
 from LungUDRNetLib.checkpoint import check_finite_weights, read_checkpoint, save_checkpoint
 from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputError, TrainingError
+from LungUDRNetLib.instance_optimisation import METADATA_KEY as OPTIMISATION_KEY, InstanceOptimisationConfig
 from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.losses import registration_loss, supervised_flow_error
 from LungUDRNetLib.model import UDRNet, UDRNetConfig
@@ -383,7 +384,8 @@ class Trainer:
         metadata = {"name": MODEL_NAMES[self.config.model], "model": self.config.model, "epoch": progress.epoch,
                     "best_epoch": progress.best_epoch, "best_val_loss": progress.best_val_loss,
                     "train_config": self.config.to_dict(), "trainer": "LungUDRNetTrainer",
-                    "torch": str(torch.__version__), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    "torch": str(torch.__version__), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    OPTIMISATION_KEY: InstanceOptimisationConfig().to_dict()}
         extra = None
         if trainer_state:
             extra = {"trainer_state": {"progress": dataclasses.asdict(progress),

@@ -1,0 +1,244 @@
+"""Instance optimisation: the network's field fitted to one pair on MIND-SSC features.
+
+The network predicts a field in one pass; this stage then moves that field,
+for this pair only, to where the pair's MIND-SSC features (modality
+independent neighbourhood descriptors, self-similarity context; Heinrich et
+al. 2012-2013) agree. The features describe local structure, not intensity,
+so the denser lungs of an exhale scan do not pull the field the wrong way as
+an intensity difference would.
+
+Grids: the *displacement grid* covers the network grid's box (its outer
+voxel faces) at about ``grid_spacing_mm``; the features are computed on the
+grid ``feature_pooling`` times finer per axis over the same box and averaged
+down onto the displacement grid. Each of ``iterations`` Gauss-Newton steps
+warps the moving features by the current field, linearises their difference
+to the fixed features, and solves the linearised problem with a diffusion
+regulariser (weight ``smoothness_weight``) by ``solver_sweeps`` Jacobi sweeps
+(a multi-channel Horn-Schunck step). Fields are voxel flows [3, D, H, W] as
+in :mod:`.geometry`; arrays (D, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .geometry import flow_on_grid, resized_grid
+from .losses import jacobian_determinant
+from .preprocess import PreprocessConfig, normalise_ct, to_grid
+from .warp import warp
+
+METADATA_KEY = "instance_optimisation"  # where a checkpoint's metadata holds the settings
+
+# The six neighbours of a voxel (unit steps along each axis, scaled by the dilation) and the twelve pairs of
+# them that are sqrt(2) steps apart: the self-similarity context of MIND-SSC.
+_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_PAIRS = tuple((a, b) for a in range(6) for b in range(a + 1, 6)
+               if sum((p - q) ** 2 for p, q in zip(_NEIGHBOURS[a], _NEIGHBOURS[b])) == 2)
+
+
+@dataclass(frozen=True)
+class InstanceOptimisationConfig:
+    """Settings of instance optimisation; a model stores its own in its metadata (``METADATA_KEY``).
+
+    ``iterations``: Gauss-Newton steps (0: the network's field as it is).
+    ``grid_spacing_mm``: target voxel size of the displacement grid.
+    ``feature_pooling``: the features are computed on a grid this many times finer per axis.
+    ``smoothness_weight``: weight of the diffusion regulariser (displacement-grid voxels).
+    ``solver_sweeps``: Jacobi sweeps per Gauss-Newton step.
+    ``mind_radius``, ``mind_dilation``: patch radius and neighbour distance of MIND-SSC (feature voxels).
+    """
+
+    iterations: int = 3
+    grid_spacing_mm: float = 3.5
+    feature_pooling: int = 2
+    smoothness_weight: float = 0.025
+    solver_sweeps: int = 20
+    mind_radius: int = 1
+    mind_dilation: int = 2
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.solver_sweeps < 0:
+            raise ValueError("iterations and solver_sweeps must not be negative")
+        if not (self.grid_spacing_mm > 0 and self.smoothness_weight > 0):
+            raise ValueError("grid_spacing_mm and smoothness_weight must be > 0")
+        if self.feature_pooling < 1 or self.mind_radius < 0 or self.mind_dilation < 1:
+            raise ValueError("feature_pooling and mind_dilation must be >= 1, mind_radius >= 0")
+        if self.mind_dilation % self.feature_pooling:
+            raise ValueError("mind_dilation must be a multiple of feature_pooling")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "InstanceOptimisationConfig":
+        """The settings stored in a model's metadata; the defaults for a model without any."""
+        stored = metadata.get(METADATA_KEY) or {}
+        unknown = set(stored) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown instance optimisation setting(s) {', '.join(sorted(unknown))}")
+        return cls(**stored)
+
+
+@dataclass
+class OptimisedField:
+    """The result: a voxel flow [3, D, H, W] on ``grid`` and its share of folded cells (det J <= 0, %), and that
+    of the field it started from on the same grid."""
+
+    flow: np.ndarray
+    grid: sitk.Image
+    folded_percent: float
+    start_folded_percent: float
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, pooling: int = 1) -> torch.Tensor:
+    """MIND-SSC descriptors [1, 12, D/pooling, H/pooling, W/pooling] of an image [1, 1, D, H, W].
+
+    Channel c: exp(-d_c / v) for the patch distance d_c between the two
+    neighbours (``dilation`` voxels from the centre) of pair c, less the
+    smallest over the channels; v is the channels' mean distance (clamped to
+    [0.001, 1000] times its mean over the image). A patch distance is the mean
+    squared difference over a box of (2 radius + pooling)^3 voxels, taken
+    every ``pooling`` voxels (the sizes must be multiples of ``pooling``, and so
+    must ``dilation``): with ``pooling`` 1 the classic (2 radius + 1)^3 patch.
+    Borders repeat the edge voxels. The twelve pairs differ by only six
+    offsets (up to sign), so six patch distance volumes are computed and
+    shifted into place.
+    """
+    d, shape = dilation, tuple(image.shape[2:])
+    if d % pooling or any(n % pooling for n in shape):
+        raise ValueError(f"the image size {shape} and the dilation {d} must be multiples of the pooling {pooling}")
+    padded = F.pad(image, (2 * d,) * 6, mode="replicate")
+    extended = tuple(n + 2 * d for n in shape)  # patch distances are needed at x + s for |s| <= d
+    offsets, placements = [], []  # the distinct offsets; per pair: (its offset, where its distance is read)
+    for a, b in _PAIRS:
+        offset = tuple((q - p) * d for p, q in zip(_NEIGHBOURS[a], _NEIGHBOURS[b]))
+        positive = next(v for v in offset if v) > 0
+        canonical = offset if positive else tuple(-v for v in offset)
+        if canonical not in offsets:
+            offsets.append(canonical)
+        shift = _NEIGHBOURS[a] if positive else _NEIGHBOURS[b]
+        placements.append((offsets.index(canonical), tuple((d + v * d) // pooling for v in shift)))
+    squared = torch.cat([(_block(padded, (d,) * 3, extended) - _block(padded, tuple(d + v for v in offset),
+                                                                          extended)).pow_(2)
+                         for offset in offsets], dim=1)
+    squared = _strided_box_mean(F.pad(squared, (radius,) * 6, mode="replicate"), 2 * radius + pooling, pooling)
+    size = tuple(n // pooling for n in shape)
+    mind = torch.cat([_block(squared[:, [i]], start, size) for i, start in placements], dim=1)
+    mind -= mind.min(dim=1, keepdim=True).values
+    variance = mind.mean(dim=1, keepdim=True)
+    overall = float(variance.mean())
+    variance = variance.clamp(min=overall * 1e-3 + 1e-12, max=overall * 1e3 + 1e-12)
+    return torch.exp(mind.div_(variance).neg_())
+
+
+def _strided_box_mean(volume: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """Means over boxes of ``size``^3 voxels every ``stride`` voxels of [B, C, D, H, W] (no padding), as three
+    separable passes."""
+    for axis in range(3):
+        kernel = tuple(size if a == axis else 1 for a in range(3))
+        volume = F.avg_pool3d(volume, kernel, tuple(stride if a == axis else 1 for a in range(3)))
+    return volume
+
+
+def _block(volume: torch.Tensor, start: tuple[int, int, int], size: tuple[int, int, int]) -> torch.Tensor:
+    """The block of ``size`` voxels from index ``start`` of a volume [B, C, D, H, W]."""
+    return volume[..., start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+
+
+def displacement_shape(extent_mm, config: InstanceOptimisationConfig) -> list[int]:
+    """Voxels (x, y, z) of the displacement grid over a box of ``extent_mm`` (mm along x, y, z)."""
+    return [max(2, math.ceil(float(e) / config.grid_spacing_mm)) for e in extent_mm]
+
+
+def feature_voxels(extent_mm, config: InstanceOptimisationConfig) -> int:
+    """Voxels of the feature grid over a box of ``extent_mm`` (mm along x, y, z)."""
+    return math.prod(n * config.feature_pooling for n in displacement_shape(extent_mm, config))
+
+
+def optimisation_grids(grid: sitk.Image, config: InstanceOptimisationConfig) -> tuple[sitk.Image, sitk.Image]:
+    """The displacement grid and the feature grid over ``grid``'s box (see the module docstring)."""
+    shape = displacement_shape(np.asarray(grid.GetSize()) * np.asarray(grid.GetSpacing()), config)
+    return resized_grid(grid, shape), resized_grid(grid, [n * config.feature_pooling for n in shape])
+
+
+def _features(image: sitk.Image, feature_grid: sitk.Image, preprocess: PreprocessConfig,
+              config: InstanceOptimisationConfig, device: torch.device,
+              transform: sitk.Transform | None = None) -> torch.Tensor:
+    """MIND-SSC of ``image`` (through ``transform``) sampled on ``feature_grid``, on the displacement grid."""
+    values = normalise_ct(to_grid(image, feature_grid, transform=transform), preprocess)
+    tensor = torch.from_numpy(values)[None, None].to(device)
+    return mind_ssc(tensor, config.mind_radius, config.mind_dilation, config.feature_pooling)
+
+
+def folded_percent(flow: torch.Tensor) -> float:
+    """Share (%) of a voxel flow's [1, 3, D, H, W] cells where x -> x + u(x) folds (det J <= 0)."""
+    return 100.0 * float((jacobian_determinant(flow) <= 0).float().mean())
+
+
+def spatial_gradient(volume: torch.Tensor) -> torch.Tensor:
+    """Central differences [B, C, 3, D, H, W] of a volume [B, C, D, H, W] along D, H, W (voxel units; one-sided
+    at the borders)."""
+    return torch.stack(torch.gradient(volume, dim=(2, 3, 4)), dim=2)
+
+
+def _neighbour_mean(flow: torch.Tensor) -> torch.Tensor:
+    """Mean of the six face neighbours of every voxel of a field [1, 3, D, H, W] (edges repeated)."""
+    padded = F.pad(flow, (1,) * 6, mode="replicate")
+    total = padded[:, :, :-2, 1:-1, 1:-1] + padded[:, :, 2:, 1:-1, 1:-1]
+    for neighbour in (padded[:, :, 1:-1, :-2, 1:-1], padded[:, :, 1:-1, 2:, 1:-1], padded[:, :, 1:-1, 1:-1, :-2],
+                      padded[:, :, 1:-1, 1:-1, 2:]):
+        total += neighbour
+    return total.div_(6.0)
+
+
+def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_features: torch.Tensor,
+                       config: InstanceOptimisationConfig) -> torch.Tensor:
+    """One linearisation of the feature difference about ``flow`` [1, 3, D, H, W], solved with the diffusion
+    regulariser by Jacobi sweeps: v <- (A + 6 w I)^-1 (A u + b + 6 w mean_of_neighbours(v)), where A and b are
+    the normal equations of the linearised difference per voxel and w is ``smoothness_weight``."""
+    warped = warp(moving_features, flow)[0]
+    gradient = spatial_gradient(warped[None])[0]  # [C, 3, D, H, W]
+    residual = fixed_features[0] - warped  # [C, D, H, W]
+    channels = gradient.shape[0]
+    normal = torch.einsum("cidhw,cjdhw->ijdhw", gradient, gradient) / channels  # A, [3, 3, D, H, W]
+    rhs = torch.einsum("cidhw,cdhw->idhw", gradient, residual) / channels + _times(normal, flow[0])  # A u + b
+    weight = 6.0 * config.smoothness_weight
+    damped = normal + weight * torch.eye(3, dtype=normal.dtype, device=normal.device).view(3, 3, 1, 1, 1)
+    inverse = torch.linalg.inv(damped.permute(2, 3, 4, 0, 1)).permute(3, 4, 0, 1, 2).contiguous()
+    solution = flow
+    for _ in range(config.solver_sweeps):
+        solution = _times(inverse, rhs + weight * _neighbour_mean(solution)[0])[None]
+    return solution
+
+
+def _times(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Per-voxel matrix times vector: [3, 3, D, H, W] x [3, D, H, W] -> [3, D, H, W]."""
+    return torch.einsum("ijdhw,jdhw->idhw", matrices, vectors)
+
+
+def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, moving: sitk.Image,
+             preprocess: PreprocessConfig, config: InstanceOptimisationConfig,
+             moving_transform: sitk.Transform | None = None,
+             device: torch.device = torch.device("cpu")) -> OptimisedField:
+    """Fit the voxel flow ``start_flow`` [3, D, H, W] on ``start_grid`` to this pair (HU images).
+
+    ``moving_transform`` (fixed LPS mm -> moving LPS mm, e.g. the affine
+    pre-alignment) maps the moving image before the flow, as for the network;
+    ``preprocess`` gives the CT window. Returns the optimised flow on the
+    displacement grid (:func:`optimisation_grids`).
+    """
+    grid, feature_grid = optimisation_grids(start_grid, config)
+    fixed_features = _features(fixed, feature_grid, preprocess, config, device)
+    moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
+    start = torch.from_numpy(flow_on_grid(start_flow, start_grid, grid))[None].to(device)
+    with torch.inference_mode():
+        flow = start
+        for _ in range(config.iterations):
+            flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
+        return OptimisedField(flow[0].cpu().numpy(), grid, folded_percent(flow), folded_percent(start))

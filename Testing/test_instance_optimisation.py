@@ -1,0 +1,167 @@
+"""Instance optimisation on MIND-SSC features: the descriptors against a direct implementation, the
+optimiser on pairs with a known field, and its settings as a model stores them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, save_checkpoint, untrained_model
+from LungUDRNetLib.errors import InputError, ModelError
+from LungUDRNetLib.geometry import transform_points, voxel_flow_to_field
+from LungUDRNetLib.instance_optimisation import (METADATA_KEY, InstanceOptimisationConfig, folded_percent,
+                                                 mind_ssc, optimisation_grids, optimise)
+from LungUDRNetLib.phantom import chest_phantom, make_grid
+from LungUDRNetLib.preprocess import PreprocessConfig, network_grid
+from LungUDRNetLib.registration import optimisation_for, register
+
+
+def _mind_direct(image: torch.Tensor, radius: int, dilation: int, pooling: int) -> torch.Tensor:
+    """MIND-SSC written out pair by pair: for each two of the six neighbours sqrt(2) steps apart, the squared
+    difference of the image shifted to either neighbour, averaged over boxes of 2 radius + pooling voxels
+    every pooling voxels."""
+    six = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+    pairs = [(a, b) for a in range(6) for b in range(a + 1, 6)
+             if np.sum((np.subtract(six[a], six[b])) ** 2) == 2]
+    d, shape = dilation, image.shape[2:]
+    padded = F.pad(image, (d,) * 6, mode="replicate")
+
+    def shifted(step):
+        return padded[..., d + step[0] * d:d + step[0] * d + shape[0], d + step[1] * d:d + step[1] * d + shape[1],
+                      d + step[2] * d:d + step[2] * d + shape[2]]
+
+    distances = torch.cat([(shifted(six[a]) - shifted(six[b])) ** 2 for a, b in pairs], dim=1)
+    distances = F.avg_pool3d(F.pad(distances, (radius,) * 6, mode="replicate"), 2 * radius + pooling, stride=pooling)
+    distances = distances - distances.min(dim=1, keepdim=True).values
+    variance = distances.mean(dim=1, keepdim=True)
+    mean = float(variance.mean())
+    return torch.exp(-distances / variance.clamp(mean * 1e-3 + 1e-12, mean * 1e3 + 1e-12))
+
+
+@pytest.mark.parametrize("pooling", [1, 2])
+def test_mind_ssc_matches_a_direct_implementation_away_from_the_borders(pooling):
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 18, 22, 24)
+    ours, direct = (mind(image, radius=1, dilation=2, pooling=pooling) for mind in (mind_ssc, _mind_direct))
+    assert ours.shape == (1, 12, 18 // pooling, 22 // pooling, 24 // pooling)
+    border = 6 // pooling  # the borders are padded differently
+    inner = (..., slice(border, -border), slice(border, -border), slice(border, -border))
+    torch.testing.assert_close(ours[inner], direct[inner], rtol=1e-5, atol=1e-6)
+    assert float(ours.min()) >= 0 and float(ours.max()) <= 1
+
+
+def test_mind_ssc_ignores_the_intensity_scale_and_offset():
+    torch.manual_seed(1)
+    image = F.avg_pool3d(torch.rand(1, 1, 20, 20, 20), 3, stride=1, padding=1)
+    torch.testing.assert_close(mind_ssc(3.0 * image - 0.4), mind_ssc(image), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mind_ssc(image ** 2), mind_ssc(image), atol=1e-3)  # but not a change of contrast
+
+
+def _breathing_pair(shift_mm: float):
+    """A phantom chest as the moving scan and, as the fixed scan, that chest sampled at p + u(p) for a smooth
+    field u of at most ``shift_mm`` (craniocaudal, largest at the lung bases): the fixed point p corresponds to
+    the moving point p + u(p). Returns the fixed and moving images and u (LPS mm, on their grid)."""
+    moving = chest_phantom(make_grid((96, 80, 64), (2.5, 2.5, 3.0)), seed=3)
+    z = np.linspace(1.0, 0.0, moving.GetSize()[2])[:, None, None] ** 2
+    y = np.linspace(-1.0, 1.0, moving.GetSize()[1])[None, :, None]
+    x = np.linspace(-1.0, 1.0, moving.GetSize()[0])[None, None, :]
+    vectors = np.zeros((*moving.GetSize()[::-1], 3))
+    vectors[..., 2] = shift_mm * z * np.exp(-(x ** 2 + y ** 2))
+    field = sitk.GetImageFromArray(vectors, isVector=True)
+    field.CopyInformation(moving)
+    fixed = sitk.Resample(moving, moving, sitk.DisplacementFieldTransform(sitk.Image(field)), sitk.sitkLinear, -1000.0)
+    return fixed, moving, field
+
+
+def test_optimise_recovers_a_known_breathing_field_without_folding():
+    fixed, moving, truth = _breathing_pair(shift_mm=6.0)
+    grid = network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32)))
+    start = np.zeros((3, 32, 32, 32), np.float32)
+    config = InstanceOptimisationConfig(iterations=4)
+    result = optimise(start, grid, fixed, moving, PreprocessConfig(), config)
+    assert result.grid.GetSize() == optimisation_grids(grid, config)[0].GetSize()
+    assert result.flow.shape == (3, *result.grid.GetSize()[::-1])
+    field = voxel_flow_to_field(result.flow, result.grid)
+    points = np.array([[x, y, z] for x in (-30.0, 0.0, 30.0) for y in (-20.0, 0.0, 20.0) for z in (-40.0, -20.0)])
+    points += np.asarray(fixed.GetOrigin()) + np.asarray(fixed.GetSize()) * fixed.GetSpacing() / 2
+    true_moved, found = transform_points(points, truth), transform_points(points, field)
+    error_before = np.linalg.norm(true_moved - points, axis=1).mean()
+    error_after = np.linalg.norm(found - true_moved, axis=1).mean()
+    assert error_before > 2.0 and error_after < 0.3 * error_before
+    assert result.folded_percent == 0.0
+
+
+def test_optimise_starts_from_the_given_field():
+    fixed, moving, _ = _breathing_pair(shift_mm=0.0)  # identical scans: nothing to change
+    grid = network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32)))
+    start = np.zeros((3, 32, 32, 32), np.float32)
+    start[0] = 0.5  # half a network voxel along z everywhere
+    none = optimise(start, grid, fixed, moving, PreprocessConfig(), InstanceOptimisationConfig(iterations=0))
+    start_mm = 0.5 * grid.GetSpacing()[2]
+    np.testing.assert_allclose(none.flow[0] * none.grid.GetSpacing()[2], start_mm, rtol=1e-5)
+    fitted = optimise(start, grid, fixed, moving, PreprocessConfig(), InstanceOptimisationConfig(iterations=4))
+    assert np.abs(fitted.flow[0] * fitted.grid.GetSpacing()[2]).mean() < 0.5 * start_mm  # pulled back to 0
+
+
+def test_folded_percent_counts_cells_with_a_negative_jacobian():
+    flow = torch.zeros(1, 3, 6, 6, 6)
+    assert folded_percent(flow) == 0.0
+    flow[0, 2, :, :, 3:] = -2.0  # columns 3.. jump back past column 2: the cells between fold
+    assert folded_percent(flow) == pytest.approx(100.0 / 5)
+
+
+def test_the_settings_live_with_the_model(tmp_path):
+    model, preprocess, _ = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))
+    stored = InstanceOptimisationConfig(iterations=7, smoothness_weight=0.2)
+    path = save_checkpoint(tmp_path / "model.pt", model, preprocess, {METADATA_KEY: stored.to_dict()})
+    info = load_model(path)[2]
+    assert optimisation_for(info) == stored
+    assert optimisation_for(info, iterations=2) == dataclasses.replace(stored, iterations=2)
+    assert optimisation_for(info, fast=True) is None
+    assert optimisation_for({}) == InstanceOptimisationConfig()  # a model without settings: the defaults
+    with pytest.raises(InputError, match="must not be negative"):
+        optimisation_for(info, iterations=-1)
+    with pytest.raises(ModelError, match="instance optimisation settings are not valid"):
+        optimisation_for({METADATA_KEY: {"iterations": 3, "learning_rate": 0.1}})
+
+
+def test_register_keeps_the_optimised_field_and_says_so():
+    fixed, moving, truth = _breathing_pair(shift_mm=6.0)
+    model = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))  # near-zero flow: the optimisation does it
+    fast = register(fixed, moving, model=model, device="cpu", fast=True, affine=False)
+    default = register(fixed, moving, model=model, device="cpu", affine=False)
+    assert default.kept_stage == "network + instance optimisation"
+    assert default.grid.GetSize() == optimisation_grids(network_grid(fixed, model[1], default.fixed_mask),
+                                                        InstanceOptimisationConfig())[0].GetSize()
+    scores = {score.stage: score.lung_ncc_percent for score in default.stages}
+    assert scores["network + instance optimisation"] > scores["network"]
+    points = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint((32.0, 40.0, 10.0)))[None]
+    error = {name: float(np.linalg.norm(transform_points(points, result.displacement)
+                                        - transform_points(points, truth)))
+             for name, result in (("fast", fast), ("default", default))}
+    assert error["default"] < 0.3 * error["fast"]
+
+
+def test_the_bundled_weights_carry_their_settings():
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"no bundled weights at {DEFAULT_WEIGHTS.name}")
+    info = load_model(DEFAULT_WEIGHTS)[2]
+    assert InstanceOptimisationConfig(**info[METADATA_KEY]) == optimisation_for(info)
+    assert optimisation_for(info).iterations > 0
+
+
+def test_a_field_that_folds_more_than_its_start_is_not_used(caplog):
+    fixed, moving, _ = _breathing_pair(shift_mm=6.0)
+    model = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))
+    loose = InstanceOptimisationConfig(iterations=6, smoothness_weight=1e-4, grid_spacing_mm=2.0)  # barely regularised
+    grid = network_grid(fixed, model[1])
+    folding = optimise(np.zeros((3, 32, 32, 32), np.float32), grid, fixed, moving, model[1], loose)
+    assert folding.folded_percent > 0.1 and folding.start_folded_percent == 0.0
+    result = register(fixed, moving, model=model, device="cpu", affine=False, optimisation=loose)
+    assert result.kept_stage in ("identity", "network")  # the untrained network's field is about the identity
+    assert any("instance optimisation folded" in record.getMessage() for record in caplog.records)
