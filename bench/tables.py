@@ -118,13 +118,13 @@ def plot_tre_vs_time(summary: list[dict], path: Path) -> Path:
 
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     markers = {"standard": "o", "unseen": "^"}
-    for entry in summary:
+    for index, entry in enumerate(summary):
         if math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["process_s"]):
             continue
         axes.scatter(entry["process_s"], entry["tre_mean_mm"], marker=markers.get(entry["group"], "s"))
         label = entry["method"] + ("" if entry["group"] == "standard" else f" ({entry['group']})")
         axes.annotate(label, (entry["process_s"], entry["tre_mean_mm"]), textcoords="offset points",
-                      xytext=(4, 4), fontsize=8)
+                      xytext=(4, 4 - 12 * (index % 3)), fontsize=8)  # neighbours' labels on other lines
     axes.set_xscale("log")
     axes.set_xlabel("whole process per pair (s, process start to files written)")
     axes.set_ylabel("mean TRE (mm)")
