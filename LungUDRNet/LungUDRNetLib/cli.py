@@ -133,42 +133,30 @@ def _check_register_mode(args: argparse.Namespace) -> None:
 
 def run_register(args: argparse.Namespace) -> None:
     _check_register_mode(args)
+    from .register_files import Options
+
+    options = Options(model=args.model, device=args.device, max_memory=args.max_memory, fast=args.fast,
+                      iterations=args.iterations, affine=args.affine, displacement_grid=args.displacement_grid)
     if args.pairs is not None:
-        return _run_cohort(args)
-    from .checkpoint import load_model
-    from .io import read_image, read_image_header
+        return _run_cohort(args, options)
     from .outputs import check_output_dir
-    from .preprocess import mask_on_image_grid
-    from .registration import check_register_memory, optimisation_for, register
+    from .register_files import read_inputs
 
     paths = {"fixed image": args.fixed, "moving image": args.moving, "fixed mask": args.fixed_mask,
              "moving mask": args.moving_mask}
-    paths = {what: path for what, path in paths.items() if path is not None}
     series = {"fixed image": args.fixed_series, "moving image": args.moving_series}
-    out_dir = check_output_dir(args.out, list(paths.values()), args.overwrite)
-    headers = {what: read_image_header(path, what, series.get(what)) for what, path in paths.items()}
-    model = load_model(args.model)
-    optimisation = optimisation_for(model[2], args.fast, args.iterations)
-    check_register_memory(headers, model[0], model[1], args.max_memory, report=True, optimisation=optimisation)
-    images = {what: read_image(path, what, series.get(what)) for what, path in paths.items()}
-    fixed, moving = images["fixed image"], images["moving image"]
-    masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
-             for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
-    result = register(fixed, moving, model=model, device=args.device, fixed_mask=masks.get("fixed mask"),
-                      moving_mask=masks.get("moving mask"), progress=_print_progress, max_memory=args.max_memory,
-                      fast=args.fast, optimisation=optimisation, affine=args.affine)
-    report = result.metrics(fixed, moving, masks.get("fixed mask"), masks.get("moving mask"))
-    written = result.save(out_dir, overwrite=args.overwrite, displacement_grid=args.displacement_grid, metrics=report)
+    out_dir = check_output_dir(args.out, [path for path in paths.values() if path is not None], args.overwrite)
+    inputs = read_inputs(paths, options, series=series)
+    result = inputs.register(options, progress=_print_progress)
+    report = inputs.metrics(result)
+    written = result.save(out_dir, overwrite=args.overwrite, displacement_grid=options.displacement_grid, metrics=report)
     progress_events.emit("result", paths={name: str(path) for name, path in written.items()})
     _print_summary(report, out_dir)
 
 
-def _run_cohort(args: argparse.Namespace) -> None:
-    from .cohort import CohortError, Options, run_cohort
+def _run_cohort(args: argparse.Namespace, options) -> None:
+    from .cohort import CohortError, run_cohort
 
-    options = Options(model=args.model, device=args.device, max_memory=args.max_memory,
-                      fast=args.fast, iterations=args.iterations, affine=args.affine,
-                      displacement_grid=args.displacement_grid)
     outcome = run_cohort(args.pairs, args.out, options, jobs=args.jobs, overwrite=args.overwrite,
                          progress=not args.quiet)
     if outcome.summary is None:  # a torchrun rank other than 0: rank 0 reports

@@ -39,6 +39,7 @@ from .errors import CancelledError, InputError, LungUDRNetError
 from .io import atomic_path, write_json
 from .output_folder import output_lock
 from .pairs_csv import PairRow, pair_name, read_pairs_csv, read_points_lps
+from .register_files import Options, read_inputs
 
 if TYPE_CHECKING:  # imported where used: it loads torch
     from .ranks import Ranks
@@ -60,19 +61,6 @@ class CohortError(LungUDRNetError):
     """Some pairs of a cohort failed (each one's error is in the summary)."""
 
     exit_code = 1
-
-
-@dataclass(frozen=True)
-class Options:
-    """The ``register`` options applied to every pair (see :func:`.registration.register`)."""
-
-    model: str | None = None
-    device: str = "auto"
-    max_memory: str | None = None
-    fast: bool = False
-    iterations: int | None = None
-    affine: bool = True
-    displacement_grid: str = "native"
 
 
 @dataclass(frozen=True)
@@ -315,10 +303,7 @@ def _mkdir(folder: Path) -> Path:
 
 def _register(task: Task, options: Options, model: tuple) -> dict:
     """The pair's ``register`` run, as ``lungudrnet register`` does it; returns its metrics."""
-    from .io import read_image, read_image_header
     from .outputs import check_output_dir
-    from .preprocess import mask_on_image_grid
-    from .registration import check_register_memory, optimisation_for, register
 
     row = task.row
     missing = row.missing_files()
@@ -326,20 +311,11 @@ def _register(task: Task, options: Options, model: tuple) -> dict:
         raise InputError(missing[0] + (f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""))
     paths = {"fixed image": row.files["fixed"], "moving image": row.files["moving"],
              "fixed mask": row.files.get("fixed_mask"), "moving mask": row.files.get("moving_mask")}
-    paths = {what: path for what, path in paths.items() if path is not None}
     check_output_dir(task.folder, list(row.files.values()), True)
-    headers = {what: read_image_header(path, what) for what, path in paths.items()}
-    optimisation = optimisation_for(model[2], options.fast, options.iterations)
-    check_register_memory(headers, model[0], model[1], options.max_memory, report=True, optimisation=optimisation)
-    images = {what: read_image(path, what) for what, path in paths.items()}
-    fixed, moving = images["fixed image"], images["moving image"]
-    masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
-             for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}
-    points = _points(row, fixed, moving)
-    result = register(fixed, moving, model=model, device=options.device, fixed_mask=masks.get("fixed mask"),
-                      moving_mask=masks.get("moving mask"), max_memory=options.max_memory,
-                      fast=options.fast, optimisation=optimisation, affine=options.affine)
-    report = result.metrics(fixed, moving, masks.get("fixed mask"), masks.get("moving mask"), *points)
+    inputs = read_inputs(paths, options, model)
+    points = _points(row, inputs.fixed, inputs.moving)
+    result = inputs.register(options)
+    report = inputs.metrics(result, *points)
     report["cohort"] = {"pair": task.name, "row": row.number, "rank": task.rank, "fixed": row.cells["fixed"],
                         "moving": row.cells["moving"]}
     result.save(task.folder, overwrite=True, displacement_grid=options.displacement_grid, metrics=report)

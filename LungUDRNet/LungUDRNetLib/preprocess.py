@@ -34,7 +34,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import covering_grid, direction_matrix, lps_bounds, resample_field, voxel_flow_to_field
-from .io import read_image
+from .io import ImageHeader, read_image
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,16 @@ def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Ima
                              + direction_matrix(fixed) @ (spacing * first_center)))
         grid.SetDirection(fixed.GetDirection())
     return grid
+
+
+def largest_network_box_mm(fixed: ImageHeader, config: PreprocessConfig) -> np.ndarray:
+    """The largest extent (mm along x, y, z) :func:`network_grid` can have on a fixed image of this header
+    (``"fit"``: the whole image plus the margin, as without a lung mask)."""
+    if config.grid_mode == "canonical":
+        return np.asarray(config.grid_shape[::-1], dtype=float) * config.grid_spacing_mm
+    if config.grid_mode == "crop":
+        return np.asarray(config.grid_shape[::-1], dtype=float) * np.asarray(fixed.spacing)
+    return np.asarray(fixed.size) * np.asarray(fixed.spacing) + 2 * config.roi_margin_mm
 
 
 def to_grid(image: sitk.Image, grid: sitk.Image, interpolator: int = sitk.sitkLinear,

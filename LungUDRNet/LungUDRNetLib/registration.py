@@ -27,13 +27,13 @@ from .checkpoint import load_model
 from .errors import DeviceError, InputError, ModelError, ResourceError
 from .geometry import (affine_points, bounds_overlap, compose_affine, describe_bounds, field_to_transform,
                        flow_on_grid, resample_field, voxel_flow_to_field, warp_image)
+from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, optimise
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
 from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
 from .model import UDRNet
-from .preprocess import (PreprocessConfig, flow_to_native_field, mask_on_image_grid, normalise_ct, prepare_pair,
-                         read_mask, replace_non_finite, to_grid, warn_if_not_ct)
-from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, optimise
+from .preprocess import (PreprocessConfig, flow_to_native_field, largest_network_box_mm, mask_on_image_grid,
+                         normalise_ct, prepare_pair, read_mask, replace_non_finite, to_grid, warn_if_not_ct)
 from .stage_choice import Candidate, StageScore, choose, grid_points
 from .warp import warp
 
@@ -327,15 +327,6 @@ def optimisation_for(info: dict, fast: bool = False, iterations: int | None = No
     return settings if iterations is None else replace(settings, iterations=iterations)
 
 
-def _network_box_mm(fixed: ImageHeader, config: PreprocessConfig) -> np.ndarray:
-    """The largest extent (mm along x, y, z) the network grid can have on a fixed image of this header."""
-    if config.grid_mode == "canonical":
-        return np.asarray(config.grid_shape[::-1], dtype=float) * config.grid_spacing_mm
-    if config.grid_mode == "crop":
-        return np.asarray(config.grid_shape[::-1], dtype=float) * np.asarray(fixed.spacing)
-    return np.asarray(fixed.size) * np.asarray(fixed.spacing) + 2 * config.roi_margin_mm
-
-
 def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
                           max_memory: str | int | None, report: bool = False,
                           optimisation: InstanceOptimisationConfig | None = None) -> None:
@@ -349,7 +340,7 @@ def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: 
     masks = tuple(header for name, header in headers.items() if "mask" in name)
     features = None
     if optimisation is not None and optimisation.iterations:
-        features = feature_voxels(_network_box_mm(fixed, config), optimisation)
+        features = feature_voxels(largest_network_box_mm(fixed, config), optimisation)
     needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report, features)
     size = "x".join(map(str, fixed.size))
     check_memory(needed, max_memory, f"registration onto the {size}-voxel fixed image")
