@@ -3,6 +3,7 @@ and help of every subcommand."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from LungUDRNetLib import register
-from LungUDRNetLib.cli import build_parser, main
+from LungUDRNetLib.cli import CORE_COMMANDS, build_parser, main
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.registration import MAX_FOLDED_PERCENT
 
@@ -174,6 +175,29 @@ REGISTER_ARGS = ["--fixed", "f.nii", "--moving", "m.nii", "--out", "out"]
 def test_verbosity_goes_before_or_after_every_subcommand(argv, verbose, quiet):
     args = build_parser().parse_args(argv)
     assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+def test_core_commands_are_the_parsers_without_plugins():
+    """CORE_COMMANDS, which decides when the plugins are imported, names exactly the core's own parsers."""
+    subparsers = next(action for action in build_parser(plugins=False)._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    assert sorted(subparsers.choices) == sorted(CORE_COMMANDS)
+
+
+@pytest.mark.parametrize("argv, imported", [
+    (["-v", "register", "--help"], False),
+    (["demo", "--help"], False),
+    (["lung-mask", "--help"], False),
+    (["bench", "--help"], True),
+    (["--progress-json", "evaluate", "--help"], True),
+])
+def test_plugins_are_imported_only_for_their_commands(argv, imported):
+    """A core command does not pay for importing the bench and the trainer (a fresh interpreter each)."""
+    code = (f"import sys\nfrom LungUDRNetLib.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print([name in sys.modules for name in ('LungUDRNetBench.command', 'LungUDRNetTrainerLib.commands')],"
+            " file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == str([imported, imported])
 
 
 def test_verbose_after_register_reaches_the_input_check(tmp_path, capsys):

@@ -22,6 +22,7 @@ from .errors import CancelledError, LungUDRNetError, ResourceError
 
 log = logging.getLogger("LungUDRNetLib")
 COMMANDS_GROUP = "lungudrnet.commands"
+CORE_COMMANDS = ("register", "demo", "lung-mask")  # the subcommands this package defines itself
 # Measured figures quoted by --help (the same sentences are in the README and the panel: one fact, one figure).
 SPEED_NOTE = ("on a 192x192x208 breathing pair the whole register command took 9.5-12.1 s, 8.3-8.6 s with "
               "--fast; on the bench's 7 breathing pairs mean TRE 0.32 mm, 1.53 mm with --fast (bench of 2026-12-05, "
@@ -178,7 +179,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     print(f"results in {out_dir}")
 
 
-def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.ArgumentParser:
+def build_parser(extra_commands: Iterable[AddParsers] = (), plugins: bool = True) -> argparse.ArgumentParser:
+    """The ``lungudrnet`` parser: the core's commands, and with ``plugins`` those of :func:`command_plugins`."""
     parser = argparse.ArgumentParser(prog="lungudrnet", formatter_class=HelpFormatter,
                                      parents=[verbosity_options()])
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -191,7 +193,7 @@ def build_parser(extra_commands: Iterable[AddParsers] = ()) -> argparse.Argument
     add_demo_parser(subparsers)
     from .lung_mask_command import add_lung_mask_parser
     add_lung_mask_parser(subparsers)
-    for add_parsers in command_plugins(extra_commands):
+    for add_parsers in command_plugins(extra_commands) if plugins else ():
         add_parsers(subparsers)
     parser.description = (f"Deformable registration of lung CT with UDRNet. Commands: {', '.join(subparsers.choices)}"
                           "; 'lungudrnet COMMAND --help' lists the options of one.")
@@ -234,8 +236,13 @@ def _raise_cancelled(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None, extra_commands: Iterable[AddParsers] = ()) -> int:
-    """Run the ``lungudrnet`` command line; ``extra_commands`` as in :func:`command_plugins`."""
-    parser = build_parser(extra_commands)
+    """Run the ``lungudrnet`` command line; ``extra_commands`` as in :func:`command_plugins`.
+
+    The plugins are imported only where ``argv`` names none of the core's commands (importing the bench's
+    took about 0.4 s of every ``register``).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(extra_commands, plugins=_command_in(argv) not in CORE_COMMANDS)
     args = parser.parse_args(argv)
     if args.verbose and args.quiet:
         parser.error("--verbose and --quiet exclude each other")
@@ -247,6 +254,11 @@ def main(argv: list[str] | None = None, extra_commands: Iterable[AddParsers] = (
         return _run(args)
     with progress_events.channel_on(sys.stdout), contextlib.redirect_stdout(sys.stderr):
         return _run(args)
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (no top-level option takes a value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _run(args: argparse.Namespace) -> int:
