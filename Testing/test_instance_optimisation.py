@@ -17,7 +17,7 @@ from LungUDRNetLib.geometry import transform_points, voxel_flow_to_field
 from LungUDRNetLib.instance_optimisation import (METADATA_KEY, InstanceOptimisationConfig, folded_percent,
                                                  mind_ssc, optimisation_grids, optimise)
 from LungUDRNetLib.phantom import chest_phantom, make_grid
-from LungUDRNetLib.preprocess import PreprocessConfig, network_grid
+from LungUDRNetLib.preprocess import PreprocessConfig, lung_box_grid, network_grid
 from LungUDRNetLib.registration import optimisation_for, register
 
 
@@ -145,6 +145,20 @@ def test_register_keeps_the_optimised_field_and_says_so():
                                         - transform_points(points, truth)))
              for name, result in (("fast", fast), ("default", default))}
     assert error["default"] < 0.3 * error["fast"]
+
+
+def test_the_optimisation_covers_the_lung_box_whatever_the_network_grid():
+    """A canonical network grid larger than the scan: the optimisation still works over the fixed lungs' box
+    plus the margin (its cost does not grow with the network grid), and its field is the one kept."""
+    fixed, moving, truth = _breathing_pair(shift_mm=6.0)
+    canonical = PreprocessConfig(grid_shape=(32, 32, 32), grid_mode="canonical", grid_spacing_mm=10.0)
+    result = register(fixed, moving, model=untrained_model(canonical), device="cpu", affine=False)
+    assert result.kept_stage == "network + instance optimisation"
+    over_lungs = optimisation_grids(lung_box_grid(fixed, canonical, result.fixed_mask), InstanceOptimisationConfig())[0]
+    over_network = optimisation_grids(network_grid(fixed, canonical, result.fixed_mask), InstanceOptimisationConfig())[0]
+    assert result.grid.GetSize() == over_lungs.GetSize()
+    assert np.allclose(result.grid.GetOrigin(), over_lungs.GetOrigin())
+    assert np.prod(over_lungs.GetSize()) < 0.5 * np.prod(over_network.GetSize())
 
 
 def test_the_bundled_weights_carry_their_settings():

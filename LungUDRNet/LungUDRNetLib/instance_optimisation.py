@@ -7,8 +7,9 @@ al. 2012-2013) agree. The features describe local structure, not intensity,
 so the denser lungs of an exhale scan do not pull the field the wrong way as
 an intensity difference would.
 
-Grids: the *displacement grid* covers the network grid's box (its outer
-voxel faces) at about ``grid_spacing_mm``; the features are computed on the
+Grids: the *displacement grid* covers a given box, in :func:`.registration.register`
+the fixed lungs' box plus the network's ROI margin (:func:`.preprocess.lung_box_grid`;
+its outer voxel faces), at about ``grid_spacing_mm``; the features are computed on the
 grid ``feature_pooling`` times finer per axis over the same box and averaged
 down onto the displacement grid. Each of ``iterations`` Gauss-Newton steps
 warps the moving features by the current field, linearises their difference
@@ -225,15 +226,16 @@ def _times(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, moving: sitk.Image,
              preprocess: PreprocessConfig, config: InstanceOptimisationConfig,
              moving_transform: sitk.Transform | None = None,
-             device: torch.device = torch.device("cpu")) -> OptimisedField:
+             device: torch.device = torch.device("cpu"), box: sitk.Image | None = None) -> OptimisedField:
     """Fit the voxel flow ``start_flow`` [3, D, H, W] on ``start_grid`` to this pair (HU images).
 
     ``moving_transform`` (fixed LPS mm -> moving LPS mm, e.g. the affine
     pre-alignment) maps the moving image before the flow, as for the network;
-    ``preprocess`` gives the CT window. Returns the optimised flow on the
+    ``preprocess`` gives the CT window. The optimisation covers the box of the
+    image ``box`` (default: ``start_grid``'s). Returns the optimised flow on the
     displacement grid (:func:`optimisation_grids`).
     """
-    grid, feature_grid = optimisation_grids(start_grid, config)
+    grid, feature_grid = optimisation_grids(start_grid if box is None else box, config)
     fixed_features = _features(fixed, feature_grid, preprocess, config, device)
     moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
     start = torch.from_numpy(flow_on_grid(start_flow, start_grid, grid))[None].to(device)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -225,13 +225,16 @@ def network_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Ima
     return grid
 
 
-def largest_network_box_mm(fixed: ImageHeader, config: PreprocessConfig) -> np.ndarray:
-    """The largest extent (mm along x, y, z) :func:`network_grid` can have on a fixed image of this header
-    (``"fit"``: the whole image plus the margin, as without a lung mask)."""
-    if config.grid_mode == "canonical":
-        return np.asarray(config.grid_shape[::-1], dtype=float) * config.grid_spacing_mm
-    if config.grid_mode == "crop":
-        return np.asarray(config.grid_shape[::-1], dtype=float) * np.asarray(fixed.spacing)
+def lung_box_grid(fixed: sitk.Image, config: PreprocessConfig, roi_mask: sitk.Image | None = None) -> sitk.Image:
+    """An empty patient-aligned image over the LPS box of ``roi_mask`` (the fixed lungs) plus
+    ``config.roi_margin_mm``, or of the whole fixed image: where instance optimisation works, whatever the
+    network grid's mode (it is the ``"fit"`` network grid)."""
+    return network_grid(fixed, replace(config, grid_mode="fit"), roi_mask)
+
+
+def largest_lung_box_mm(fixed: ImageHeader, config: PreprocessConfig) -> np.ndarray:
+    """The largest extent (mm along x, y, z) :func:`lung_box_grid` can have on a fixed image of this header:
+    the whole image plus the margin, as without a lung mask."""
     return np.asarray(fixed.size) * np.asarray(fixed.spacing) + 2 * config.roi_margin_mm
 
 

@@ -32,8 +32,9 @@ from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
 from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
 from .model import UDRNet
-from .preprocess import (PreprocessConfig, flow_to_native_field, largest_network_box_mm, mask_on_image_grid,
-                         normalise_ct, prepare_pair, read_mask, replace_non_finite, to_grid, warn_if_not_ct)
+from .preprocess import (PreprocessConfig, flow_to_native_field, largest_lung_box_mm, lung_box_grid,
+                         mask_on_image_grid, normalise_ct, prepare_pair, read_mask, replace_non_finite, to_grid,
+                         warn_if_not_ct)
 from .stage_choice import Candidate, StageScore, choose, grid_points
 from .warp import warp
 
@@ -340,7 +341,7 @@ def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: 
     masks = tuple(header for name, header in headers.items() if "mask" in name)
     features = None
     if optimisation is not None and optimisation.iterations:
-        features = feature_voxels(largest_network_box_mm(fixed, config), optimisation)
+        features = feature_voxels(largest_lung_box_mm(fixed, config), optimisation)
     needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report, features)
     size = "x".join(map(str, fixed.size))
     check_memory(needed, max_memory, f"registration onto the {size}-voxel fixed image")
@@ -446,7 +447,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         start_from = kept if kept.flow is not None else max((b for b in branches if b.flow is not None),
                                                             key=lambda b: _score_of(scores, b.name))
         result = optimise(start_from.flow, grid, fixed_image, moving_image, config, optimisation,
-                          start_from.transform, used)
+                          start_from.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs))
         optimised = Branch(f"{start_from.name} + {OPTIMISED}", start_from.transform, grid, start_from.moving_net,
                            flow_on_grid(result.flow, result.grid, grid))
         if result.folded_percent > max(MAX_FOLDED_PERCENT, result.start_folded_percent):
