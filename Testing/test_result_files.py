@@ -4,6 +4,7 @@ register``, from Python, made by the same code as the command line."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -67,6 +68,21 @@ def test_save_refuses_existing_files_unless_overwrite(result, pair, tmp_path):
     paths = result.save(tmp_path, overwrite=True, metrics=metrics)
     assert sorted(paths) == ["displacement.nii.gz", "metrics.json", "warped.nii.gz"]
     assert json.loads(paths["metrics.json"].read_text()) == json.loads(json.dumps(metrics))
+
+
+def test_metrics_computed_while_the_images_are_written(result, pair, tmp_path):
+    """A Future of the metrics is awaited after the images; if it fails, no file is left and its error shows."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        paths = result.save(tmp_path / "ok", metrics=pool.submit(result.metrics, pair["fixed"], pair["moving"]))
+    written = json.loads(paths["metrics.json"].read_text())
+    assert written["after"]["ncc_percent"] == pytest.approx(result.metrics(pair["fixed"], pair["moving"])["after"]["ncc_percent"])
+
+    def broken() -> dict:
+        raise RuntimeError("report failed")
+
+    with ThreadPoolExecutor(max_workers=1) as pool, pytest.raises(RuntimeError, match="report failed"):
+        result.save(tmp_path / "failed", metrics=pool.submit(broken))
+    assert not (tmp_path / "failed").exists()
 
 
 def test_metrics_are_what_the_command_line_writes(pair, tmp_path, monkeypatch):

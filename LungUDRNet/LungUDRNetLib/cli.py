@@ -149,8 +149,7 @@ def run_register(args: argparse.Namespace) -> None:
     out_dir = check_output_dir(args.out, [path for path in paths.values() if path is not None], args.overwrite)
     inputs = read_inputs(paths, options, series=series)
     result = inputs.register(options, progress=_print_progress)
-    report = inputs.metrics(result)
-    written = result.save(out_dir, overwrite=args.overwrite, displacement_grid=options.displacement_grid, metrics=report)
+    report, written = inputs.save(result, out_dir, options, args.overwrite)
     progress_events.emit("result", paths={name: str(path) for name, path in written.items()})
     _print_summary(report, out_dir)
 

@@ -315,10 +315,9 @@ def _register(task: Task, options: Options, model: tuple) -> dict:
     inputs = read_inputs(paths, options, model)
     points = _points(row, inputs.fixed, inputs.moving)
     result = inputs.register(options)
-    report = inputs.metrics(result, *points)
-    report["cohort"] = {"pair": task.name, "row": row.number, "rank": task.rank, "fixed": row.cells["fixed"],
-                        "moving": row.cells["moving"]}
-    result.save(task.folder, overwrite=True, displacement_grid=options.displacement_grid, metrics=report)
+    cohort = {"pair": task.name, "row": row.number, "rank": task.rank, "fixed": row.cells["fixed"],
+              "moving": row.cells["moving"]}
+    report, _ = inputs.save(result, task.folder, options, overwrite=True, points=points, extra={"cohort": cohort})
     (task.folder / ERROR_FILE).unlink(missing_ok=True)
     return report
 

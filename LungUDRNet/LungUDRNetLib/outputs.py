@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future
 from pathlib import Path
 
 from .errors import OutputError
@@ -48,10 +49,12 @@ def check_output_dir(out_dir: str | Path, inputs: list[str | Path], overwrite: b
     return out_dir
 
 
-def write_result(result: RegistrationResult, report: dict | None, out_dir: str | Path,
+def write_result(result: RegistrationResult, report: dict | Future | None, out_dir: str | Path,
                  displacement_grid: str = "native", overwrite: bool = False) -> dict[str, Path]:
     """Write warped image, displacement field and (unless ``report`` is None) metrics; on failure none of
-    them is left behind, nor the folders this call created. Existing files are refused unless ``overwrite``
+    them is left behind, nor the folders this call created. ``report`` may be a Future of the metrics,
+    computed meanwhile (e.g. in a thread: the image writers release the GIL); it is awaited after the
+    images are written. Existing files are refused unless ``overwrite``
     (see :func:`check_output_dir`), also those another run wrote meanwhile: the folder is locked while
     writing (:func:`.output_folder.output_lock`; a run writing there at the same time is refused).
 
@@ -80,7 +83,7 @@ def write_result(result: RegistrationResult, report: dict | None, out_dir: str |
                 save_image(result.warped, warped)
                 save_displacement_field(field, displacement)
                 if metrics:
-                    save_json(report, metrics[0])
+                    save_json(report.result() if isinstance(report, Future) else report, metrics[0])
     except BaseException:
         for folder in created:  # deepest first
             with contextlib.suppress(OSError):

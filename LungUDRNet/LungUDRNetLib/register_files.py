@@ -8,6 +8,7 @@ read; masks on another grid than their image are resampled onto it.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,17 @@ class Inputs:
         """What ``metrics.json`` holds for ``result`` of this pair (points: N x 3 LPS mm, or None)."""
         return result.metrics(self.fixed, self.moving, self.fixed_mask, self.moving_mask, fixed_points,
                               moving_points)
+
+    def save(self, result: RegistrationResult, folder: InputPath, options: Options, overwrite: bool,
+             points: tuple = (None, None), extra: dict | None = None) -> tuple[dict, dict]:
+        """Write ``result``'s files with its :meth:`metrics` (plus ``extra`` keys) into ``folder``; returns the
+        metrics and the paths by file name. The metrics are computed in a thread while the images are
+        written (about 1 s less on 2 cores for a 192x192x208 pair)."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            report = pool.submit(lambda: {**self.metrics(result, *points), **(extra or {})})
+            written = result.save(folder, overwrite=overwrite, displacement_grid=options.displacement_grid,
+                                  metrics=report)
+        return report.result(), written
 
 
 def read_inputs(paths: dict[str, InputPath | None], options: Options, model: tuple | None = None,
