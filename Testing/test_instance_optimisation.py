@@ -4,8 +4,6 @@ optimiser on pairs with a known field, and its settings as a model stores them."
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 
 import numpy as np
 import pytest
@@ -16,11 +14,11 @@ import torch.nn.functional as F
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, save_checkpoint, untrained_model
 from LungUDRNetLib.errors import InputError, ModelError
 from LungUDRNetLib.geometry import transform_points, voxel_flow_to_field
-from LungUDRNetLib.instance_optimisation import (FOLD_RETRY_FACTOR, METADATA_KEY, InstanceOptimisationConfig,
-                                                 folded_percent, mind_ssc, optimisation_grids, optimise)
+from LungUDRNetLib.instance_optimisation import (METADATA_KEY, InstanceOptimisationConfig, folded_percent,
+                                                 mind_ssc, optimisation_grids, optimise)
 from LungUDRNetLib.phantom import chest_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig, lung_box_grid, network_grid
-from LungUDRNetLib.registration import MAX_FOLDED_PERCENT, optimisation_for, register
+from LungUDRNetLib.registration import optimisation_for, register
 
 
 def _mind_direct(image: torch.Tensor, radius: int, dilation: int, pooling: int) -> torch.Tensor:
@@ -171,38 +169,13 @@ def test_the_bundled_weights_carry_their_settings():
     assert optimisation_for(info).iterations > 0
 
 
-# Barely regularised, on a fine grid: the fitted field folds.
-LOOSE = InstanceOptimisationConfig(iterations=6, smoothness_weight=1e-4, grid_spacing_mm=2.0, fold_retries=0)
-
-
 def test_a_field_that_folds_more_than_its_start_is_not_used(caplog):
     fixed, moving, _ = _breathing_pair(shift_mm=6.0)
     model = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))
+    loose = InstanceOptimisationConfig(iterations=6, smoothness_weight=1e-4, grid_spacing_mm=2.0)  # barely regularised
     grid = network_grid(fixed, model[1])
-    folding = optimise(np.zeros((3, 32, 32, 32), np.float32), grid, fixed, moving, model[1], LOOSE,
-                       max_folded_percent=MAX_FOLDED_PERCENT)
+    folding = optimise(np.zeros((3, 32, 32, 32), np.float32), grid, fixed, moving, model[1], loose)
     assert folding.folded_percent > 0.1 and folding.start_folded_percent == 0.0
-    assert folding.smoothness_weight == LOOSE.smoothness_weight  # no retry allowed
-    result = register(fixed, moving, model=model, device="cpu", affine=False, optimisation=LOOSE)
+    result = register(fixed, moving, model=model, device="cpu", affine=False, optimisation=loose)
     assert result.kept_stage in ("identity", "network")  # the untrained network's field is about the identity
     assert any("instance optimisation folded" in record.getMessage() for record in caplog.records)
-
-
-def test_a_folding_field_is_fitted_again_with_a_stronger_regulariser(caplog):
-    """With retries, the weight grows by FOLD_RETRY_FACTOR until the field folds no more than allowed; the
-    registration then keeps that field and says how it was fitted."""
-    caplog.set_level(logging.INFO, logger="LungUDRNetLib")
-    fixed, moving, _ = _breathing_pair(shift_mm=6.0)
-    model = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))
-    retrying = dataclasses.replace(LOOSE, fold_retries=4)
-    grid = network_grid(fixed, model[1])
-    fitted = optimise(np.zeros((3, 32, 32, 32), np.float32), grid, fixed, moving, model[1], retrying,
-                      max_folded_percent=MAX_FOLDED_PERCENT)
-    assert fitted.folded_percent <= MAX_FOLDED_PERCENT
-    retries = round(math.log(fitted.smoothness_weight / LOOSE.smoothness_weight, FOLD_RETRY_FACTOR))
-    assert 1 <= retries <= 4 and fitted.smoothness_weight == pytest.approx(1e-4 * FOLD_RETRY_FACTOR ** retries)
-    unlimited = optimise(np.zeros((3, 32, 32, 32), np.float32), grid, fixed, moving, model[1], retrying)
-    assert unlimited.smoothness_weight == LOOSE.smoothness_weight  # nothing to hold it to: no retry
-    result = register(fixed, moving, model=model, device="cpu", affine=False, optimisation=retrying)
-    assert result.kept_stage == "network + instance optimisation"
-    assert any("fitted again with" in record.getMessage() for record in caplog.records)

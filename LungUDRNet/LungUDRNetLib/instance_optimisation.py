@@ -35,7 +35,6 @@ from .preprocess import PreprocessConfig, normalise_ct, to_grid
 from .warp import warp
 
 METADATA_KEY = "instance_optimisation"  # where a checkpoint's metadata holds the settings
-FOLD_RETRY_FACTOR = 4.0  # a field that folds too much is fitted again with this times the smoothness weight
 
 # The six neighbours of a voxel (unit steps along each axis, scaled by the dilation) and the twelve pairs of
 # them that are sqrt(2) steps apart: the self-similarity context of MIND-SSC.
@@ -54,8 +53,6 @@ class InstanceOptimisationConfig:
     ``smoothness_weight``: weight of the diffusion regulariser (displacement-grid voxels).
     ``solver_sweeps``: Jacobi sweeps per Gauss-Newton step.
     ``mind_radius``, ``mind_dilation``: patch radius and neighbour distance of MIND-SSC (feature voxels).
-    ``fold_retries``: how many times the steps may run again from the start, each time with a smoothness
-    weight ``FOLD_RETRY_FACTOR`` times larger, while the field folds more than :func:`optimise` allows.
     """
 
     iterations: int = 3
@@ -65,11 +62,10 @@ class InstanceOptimisationConfig:
     solver_sweeps: int = 20
     mind_radius: int = 1
     mind_dilation: int = 2
-    fold_retries: int = 2
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.solver_sweeps < 0 or self.fold_retries < 0:
-            raise ValueError("iterations, solver_sweeps and fold_retries must not be negative")
+        if self.iterations < 0 or self.solver_sweeps < 0:
+            raise ValueError("iterations and solver_sweeps must not be negative")
         if not (self.grid_spacing_mm > 0 and self.smoothness_weight > 0):
             raise ValueError("grid_spacing_mm and smoothness_weight must be > 0")
         if self.feature_pooling < 1 or self.mind_radius < 0 or self.mind_dilation < 1:
@@ -92,14 +88,13 @@ class InstanceOptimisationConfig:
 
 @dataclass
 class OptimisedField:
-    """The result: a voxel flow [3, D, H, W] on ``grid`` and its share of folded cells (det J <= 0, %), that
-    of the field it started from on the same grid, and the smoothness weight it was fitted with."""
+    """The result: a voxel flow [3, D, H, W] on ``grid`` and its share of folded cells (det J <= 0, %), and that
+    of the field it started from on the same grid."""
 
     flow: np.ndarray
     grid: sitk.Image
     folded_percent: float
     start_folded_percent: float
-    smoothness_weight: float
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, pooling: int = 1) -> torch.Tensor:
@@ -204,7 +199,7 @@ def _neighbour_mean(flow: torch.Tensor) -> torch.Tensor:
 
 
 def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_features: torch.Tensor,
-                       config: InstanceOptimisationConfig, smoothness_weight: float) -> torch.Tensor:
+                       config: InstanceOptimisationConfig) -> torch.Tensor:
     """One linearisation of the feature difference about ``flow`` [1, 3, D, H, W], solved with the diffusion
     regulariser by Jacobi sweeps: v <- (A + 6 w I)^-1 (A u + b + 6 w mean_of_neighbours(v)), where A and b are
     the normal equations of the linearised difference per voxel and w is ``smoothness_weight``."""
@@ -214,7 +209,7 @@ def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_
     channels = gradient.shape[0]
     normal = torch.einsum("cidhw,cjdhw->ijdhw", gradient, gradient) / channels  # A, [3, 3, D, H, W]
     rhs = torch.einsum("cidhw,cdhw->idhw", gradient, residual) / channels + _times(normal, flow[0])  # A u + b
-    weight = 6.0 * smoothness_weight
+    weight = 6.0 * config.smoothness_weight
     damped = normal + weight * torch.eye(3, dtype=normal.dtype, device=normal.device).view(3, 3, 1, 1, 1)
     inverse = torch.linalg.inv(damped.permute(2, 3, 4, 0, 1)).permute(3, 4, 0, 1, 2).contiguous()
     solution = flow
@@ -231,32 +226,21 @@ def _times(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, moving: sitk.Image,
              preprocess: PreprocessConfig, config: InstanceOptimisationConfig,
              moving_transform: sitk.Transform | None = None,
-             device: torch.device = torch.device("cpu"), box: sitk.Image | None = None,
-             max_folded_percent: float | None = None) -> OptimisedField:
+             device: torch.device = torch.device("cpu"), box: sitk.Image | None = None) -> OptimisedField:
     """Fit the voxel flow ``start_flow`` [3, D, H, W] on ``start_grid`` to this pair (HU images).
 
     ``moving_transform`` (fixed LPS mm -> moving LPS mm, e.g. the affine
     pre-alignment) maps the moving image before the flow, as for the network;
     ``preprocess`` gives the CT window. The optimisation covers the box of the
-    image ``box`` (default: ``start_grid``'s). A field folding more than
-    ``max_folded_percent`` of its cells, and more than its start, is fitted
-    again with a stronger regulariser (``config.fold_retries``). Returns the
-    optimised flow on the displacement grid (:func:`optimisation_grids`).
+    image ``box`` (default: ``start_grid``'s). Returns the optimised flow on the
+    displacement grid (:func:`optimisation_grids`).
     """
     grid, feature_grid = optimisation_grids(start_grid if box is None else box, config)
     fixed_features = _features(fixed, feature_grid, preprocess, config, device)
     moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
     start = torch.from_numpy(flow_on_grid(start_flow, start_grid, grid))[None].to(device)
     with torch.inference_mode():
-        start_folded = folded_percent(start)
-        allowed = float("inf") if max_folded_percent is None else max(max_folded_percent, start_folded)
-        weight = config.smoothness_weight
-        for attempt in range(config.fold_retries + 1):
-            flow = start
-            for _ in range(config.iterations):
-                flow = _gauss_newton_step(flow, fixed_features, moving_features, config, weight)
-            folded = folded_percent(flow)
-            if folded <= allowed or attempt == config.fold_retries:
-                break
-            weight *= FOLD_RETRY_FACTOR
-        return OptimisedField(flow[0].cpu().numpy(), grid, folded, start_folded, weight)
+        flow = start
+        for _ in range(config.iterations):
+            flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
+        return OptimisedField(flow[0].cpu().numpy(), grid, folded_percent(flow), folded_percent(start))

@@ -455,19 +455,13 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         start_from = kept if kept.flow is not None else max((b for b in branches if b.flow is not None),
                                                             key=lambda b: _score_of(scores, b.name))
         result = optimise(start_from.flow, grid, fixed_image, moving_image, config, optimisation,
-                          start_from.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs),
-                          max_folded_percent=MAX_FOLDED_PERCENT)
-        if result.smoothness_weight != optimisation.smoothness_weight:
-            log.info("instance optimisation folded more than %g%% of its grid with its smoothness weight %g; fitted "
-                     "again with %g (%.3f%% folded)", MAX_FOLDED_PERCENT, optimisation.smoothness_weight,
-                     result.smoothness_weight, result.folded_percent)
+                          start_from.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs))
         optimised = Branch(f"{start_from.name} + {OPTIMISED}", start_from.transform, grid, start_from.moving_net,
                            flow_on_grid(result.flow, result.grid, grid))
         if result.folded_percent > max(MAX_FOLDED_PERCENT, result.start_folded_percent):
             log.warning("instance optimisation folded %.2f%% of its grid (more than %g%% and than the %.2f%% of "
-                        "the field it started from), also with its smoothness weight raised to %g; its field is not "
-                        "used", result.folded_percent, MAX_FOLDED_PERCENT, result.start_folded_percent,
-                        result.smoothness_weight)
+                        "the field it started from); its field is not used", result.folded_percent,
+                        MAX_FOLDED_PERCENT, result.start_folded_percent)
         else:
             kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, optimised],
                                    [*candidates, _candidate(optimised, points)], never_worse)
