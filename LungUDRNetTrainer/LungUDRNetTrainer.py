@@ -20,7 +20,7 @@ from LungUDRNetSlicerLib.dependencies import TRAINING_REQUIREMENTS, python_slice
 from LungUDRNetSlicerLib.panel import JobPanelWidget, ensureRequirements
 
 PRESETS = ["paper", "fast", "smoke"]
-MODELS = ["udrnet", "voxelmorph"]
+MODELS = ["udrnet", "voxelmorph", "attunet", "resunet", "transunet"]
 DEVICES = ["auto", "cuda", "cpu"]
 POLL_INTERVAL_MS = 500
 CONTRIBUTORS = ["LungUDRNet developers (LungUDRNet open-source project)"]
@@ -53,7 +53,8 @@ class LungUDRNetTrainerParameterNode:
     dataFolder - a Learn2Reg dataset folder (dataset JSON, imagesTr/, masksTr/, keypointsTr/ ...).
     runFolder - where the run writes its configuration, log and checkpoints.
     preset - paper (the paper's settings), fast (64^3, CPU-sized) or smoke (seconds, a pipeline check).
-    model - udrnet (with scHAF) or voxelmorph (the baseline of the ablation).
+    model - udrnet (with scHAF), voxelmorph (the baseline of the ablation) or a comparison network of the
+            paper: attunet, resunet, transunet.
     device - auto (CUDA GPU if available, else CPU), cuda or cpu.
     resume - continue the run in runFolder from its last.pt instead of starting a new one.
     """

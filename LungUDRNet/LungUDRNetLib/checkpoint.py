@@ -18,14 +18,15 @@ from .voxelmorph_net import is_voxelmorph_config
 from .errors import CancelledError, ModelError
 from .input_files import check_input_path
 from .io import atomic_path
-from .model import UDRNet, UDRNetConfig
+from .model import RegistrationUNet, UDRNet
+from .networks import network_from_config
 from .preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "udrnet_lung_default.pt"
 
 
-def save_checkpoint(path: str | os.PathLike, model: UDRNet, preprocess: PreprocessConfig,
+def save_checkpoint(path: str | os.PathLike, model: RegistrationUNet, preprocess: PreprocessConfig,
                     metadata: dict | None = None, extra: dict | None = None) -> Path:
     """Atomically write ``model`` with its configs; ``extra`` adds trainer state (optimizer, RNG...)."""
     state = {
@@ -77,8 +78,9 @@ def _load_failure(error: Exception) -> str:
     return f"the file is truncated, corrupt or not a PyTorch file ({reason[:200]}); copy or download it again"
 
 
-def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, PreprocessConfig, dict]:
-    """Build the network from a checkpoint (default: the bundled weights).
+def load_model(path: str | os.PathLike | None = None) -> tuple[RegistrationUNet, PreprocessConfig, dict]:
+    """Build the network from a checkpoint (default: the bundled weights): UDRNet, its VoxelMorph baseline
+    or a comparison network (:mod:`LungUDRNetLib.networks`).
 
     Returns ``(model in eval mode on CPU, preprocessing config, metadata)``.
     """
@@ -96,7 +98,7 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[UDRNet, Preproces
         raise ModelError(f"model {path}: its preprocessing settings are not valid ({error}); the file was edited: "
                          "use a checkpoint as `lungudrnet train` saved it") from None
     try:
-        model = UDRNet(UDRNetConfig.from_dict(state["model_config"]))
+        model = network_from_config(state["model_config"])
         model.load_state_dict(state["state_dict"])
     except (TypeError, KeyError, ValueError, RuntimeError, AttributeError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]

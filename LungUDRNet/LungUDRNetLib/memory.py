@@ -61,7 +61,8 @@ def format_size(size: int) -> str:
 
 
 def network_bytes(grid_shape: tuple[int, int, int], model: UDRNetConfig) -> int:
-    """Peak bytes of one UDRNet forward pass (inference, float32) on a grid of ``grid_shape`` voxels."""
+    """Peak bytes of one UDRNet forward pass (inference, float32) on a grid of ``grid_shape`` voxels; the
+    comparison networks' configs have the same channel fields and are estimated the same way."""
     voxels = grid_shape[0] * grid_shape[1] * grid_shape[2]
     channels = model.encoder_channels[0] + sum(model.decoder_channels[-2:])
     return NETWORK_BASE_BYTES + voxels * channels * NETWORK_BYTES_PER_CHANNEL

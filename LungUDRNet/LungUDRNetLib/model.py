@@ -7,6 +7,8 @@ Each skip connection passes the encoder feature F through :class:`SCHAF`
 A final 3x3x3 convolution, initialised near zero, gives the displacement in
 voxels of the input grid, channels ordered like the spatial axes (D, H, W).
 ``attention=False`` gives the plain 3D VoxelMorph baseline (identity skips).
+:class:`RegistrationUNet` is the skeleton that UDRNet shares with the
+paper's comparison networks (:mod:`LungUDRNetLib.comparison_nets`).
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ class UDRNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UDRNetConfig":
-        data = dict(data)
-        for key in ("encoder_channels", "decoder_channels"):
-            data[key] = tuple(int(v) for v in data[key])
-        return cls(**data)
+        return cls(**with_channel_tuples(data))
+
+
+def with_channel_tuples(data: dict) -> dict:
+    """A copy of a stored architecture config with its channel lists as tuples of int (as in the dataclasses)."""
+    data = dict(data)
+    for key in ("encoder_channels", "decoder_channels"):
+        data[key] = tuple(int(v) for v in data[key])
+    return data
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -88,36 +95,60 @@ def _match_size(upsampled: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     return F.pad(upsampled, pad, mode="replicate") if any(pad) else upsampled
 
 
-class UDRNet(nn.Module):
-    """Predicts the voxel displacement [B, 3, D, H, W] from a [moving, fixed] pair [B, 2, D, H, W]."""
+class RegistrationUNet(nn.Module):
+    """The shared skeleton: a [moving, fixed] pair [B, 2, D, H, W] in, the voxel displacement [B, 3, D, H, W] out.
 
-    def __init__(self, config: UDRNetConfig | None = None, **overrides) -> None:
+    Encoder levels of :meth:`block` then max pooling; :meth:`bottleneck` on the
+    deepest pooled map; decoder levels of :meth:`block` then a transposed
+    convolution, each joined with its encoder level's feature passed through
+    :meth:`skip_gate`; a last block and a 3x3x3 convolution initialised near
+    zero. Subclasses choose the block, the gate and the bottleneck. ``config``
+    needs ``encoder_channels``, ``bottleneck_channels``, ``decoder_channels``
+    and ``integration_steps``.
+    """
+
+    def __init__(self, config) -> None:
         super().__init__()
-        base = config or UDRNetConfig()
-        self.config = UDRNetConfig(**{**base.to_dict(), **overrides}) if overrides else base
-        cfg = self.config
+        self.config = cfg = config
         self.encoders = nn.ModuleList()
         channels = 2
         for width in cfg.encoder_channels:
-            self.encoders.append(double_conv(channels, width))
+            self.encoders.append(self.block(channels, width))
             channels = width
         self.pool = nn.MaxPool3d(2, ceil_mode=False)
-        self.skips = nn.ModuleList(
-            SCHAF(width, cfg.reduction) if cfg.attention else nn.Identity() for width in cfg.encoder_channels
-        )
+        self.bottleneck = self.bottleneck_module(channels)
+        level_outputs = [cfg.bottleneck_channels, *cfg.decoder_channels[:-1]]
+        self.skips = nn.ModuleList(self.skip_gate(width, signal) for width, signal in
+                                   zip(cfg.encoder_channels, reversed(level_outputs)))
         self.decoders = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
-        channels = cfg.encoder_channels[-1]
-        level_outputs = [cfg.bottleneck_channels, *cfg.decoder_channels[:-1]]
         for out_channels, skip_channels in zip(level_outputs, reversed(cfg.encoder_channels)):
-            self.decoders.append(double_conv(channels, out_channels))
+            self.decoders.append(self.block(channels, out_channels))
             self.upsamplers.append(
                 nn.ConvTranspose3d(out_channels, out_channels, 3, stride=2, padding=1, output_padding=1))
             channels = out_channels + skip_channels
-        self.head = double_conv(channels, cfg.decoder_channels[-1])
+        self.head = self.block(channels, cfg.decoder_channels[-1])
         self.flow = nn.Conv3d(cfg.decoder_channels[-1], 3, kernel_size=3, padding=1)
         nn.init.normal_(self.flow.weight, std=1e-5)
         nn.init.zeros_(self.flow.bias)
+
+    def block(self, in_channels: int, out_channels: int) -> nn.Module:
+        """The convolution block of every encoder and decoder level (default: :func:`double_conv`)."""
+        return double_conv(in_channels, out_channels)
+
+    def skip_gate(self, channels: int, signal_channels: int) -> nn.Module:
+        """The module on a skip connection of ``channels``; ``signal_channels``: the decoder's upsampled
+        feature at that level (default: none, the plain skip)."""
+        return nn.Identity()
+
+    def bottleneck_module(self, channels: int) -> nn.Module:
+        """The module between the deepest pooled map and the decoder (default: none)."""
+        return nn.Identity()
+
+    def gate(self, level: int, skip: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """The skip feature of encoder ``level`` as the decoder joins it; ``signal``: the upsampled decoder
+        feature of the same size."""
+        return self.skips[level](skip)
 
     @property
     def minimum_size(self) -> int:
@@ -131,13 +162,24 @@ class UDRNet(nn.Module):
             x = encoder(x)
             features.append(x)
             x = self.pool(x)
-        skips = [gate(f) for gate, f in zip(self.skips, features)]
-        # The deepest pooled map feeds the first decoder level; each level's
-        # output is upsampled and joined with the next shallower skip.
-        for decoder, upsample, skip in zip(self.decoders, self.upsamplers, reversed(skips)):
-            x = _match_size(upsample(decoder(x)), skip)
-            x = torch.cat([x, skip], dim=1)
+        x = self.bottleneck(x)
+        # The deepest map feeds the first decoder level; each level's output
+        # is upsampled and joined with the next shallower (gated) skip.
+        for level, decoder, upsample in zip(reversed(range(len(features))), self.decoders, self.upsamplers):
+            x = _match_size(upsample(decoder(x)), features[level])
+            x = torch.cat([x, self.gate(level, features[level], x)], dim=1)
         flow = self.flow(self.head(x))
         if self.config.integration_steps:
             flow = integrate_velocity(flow, self.config.integration_steps)
         return flow
+
+
+class UDRNet(RegistrationUNet):
+    """UDRNet: double-convolution levels with :class:`SCHAF` on every skip (``attention=False``: 3D VoxelMorph)."""
+
+    def __init__(self, config: UDRNetConfig | None = None, **overrides) -> None:
+        base = config or UDRNetConfig()
+        super().__init__(UDRNetConfig(**{**base.to_dict(), **overrides}) if overrides else base)
+
+    def skip_gate(self, channels: int, signal_channels: int) -> nn.Module:
+        return SCHAF(channels, self.config.reduction) if self.config.attention else nn.Identity()

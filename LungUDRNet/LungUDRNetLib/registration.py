@@ -32,7 +32,7 @@ from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, o
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
 from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
-from .model import UDRNet
+from .model import RegistrationUNet
 from .preprocess import (PreprocessConfig, flow_to_native_field, largest_lung_box_mm, lung_box_grid,
                          mask_on_image_grid, normalise_ct, prepare_pair, read_mask, replace_non_finite, to_grid,
                          warn_if_not_ct)
@@ -167,8 +167,8 @@ def _forward(model: torch.nn.Module, fixed: np.ndarray, moving: np.ndarray, devi
     return flow
 
 
-def _resolve_model(model, preprocess: PreprocessConfig | None) -> tuple[UDRNet, PreprocessConfig, dict]:
-    if isinstance(model, UDRNet):
+def _resolve_model(model, preprocess: PreprocessConfig | None) -> tuple[RegistrationUNet, PreprocessConfig, dict]:
+    if isinstance(model, RegistrationUNet):
         return model.eval(), preprocess or PreprocessConfig(), {"path": None}
     if isinstance(model, tuple):
         loaded, stored_preprocess, info = model
@@ -336,7 +336,7 @@ def optimisation_for(info: dict, fast: bool = False, iterations: int | None = No
     return settings if iterations is None else replace(settings, iterations=iterations)
 
 
-def check_register_memory(headers: dict[str, ImageHeader], net: UDRNet, config: PreprocessConfig,
+def check_register_memory(headers: dict[str, ImageHeader], net: RegistrationUNet, config: PreprocessConfig,
                           max_memory: str | int | None, report: bool = False,
                           optimisation: InstanceOptimisationConfig | None = None) -> None:
     """Refuse (:class:`ResourceError`) a registration whose estimated peak memory exceeds the limit.
@@ -362,7 +362,8 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
              never_worse: bool = True) -> RegistrationResult:
     """Deformably register ``moving`` onto ``fixed`` (images or file paths).
 
-    ``model`` is a checkpoint path, a :class:`UDRNet`, what :func:`load_model`
+    ``model`` is a checkpoint path, a network (:class:`~.model.RegistrationUNet`: UDRNet or a comparison
+    network), what :func:`load_model`
     returns, or None for the bundled weights. ``device``: "auto" (a CUDA GPU,
     else Apple MPS, else the CPU), "cpu", "cuda" or "mps". ``preprocess``
     replaces the model's stored preprocessing (:class:`PreprocessConfig`; for

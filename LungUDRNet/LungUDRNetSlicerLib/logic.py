@@ -71,7 +71,7 @@ class RegistrationLogic:
                 progress: Progress | None = None, fast: bool = False) -> RegistrationOutput:
         """Register ``moving_volume`` onto ``fixed_volume`` and add the warped volume and transform.
 
-        ``model``: checkpoint path, a ``UDRNet`` or None for the bundled weights;
+        ``model``: checkpoint path, a network (UDRNet or a comparison network) or None for the bundled weights;
         ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cuda"`` or ``"cpu"``.
         ``warped_volume``/``transform``: nodes to fill, or None for new ones.
         ``show_aligned`` puts the moving volume under the transform.

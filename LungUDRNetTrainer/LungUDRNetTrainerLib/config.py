@@ -19,14 +19,14 @@ import yaml
 
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.io import atomic_path
-from LungUDRNetLib.voxelmorph_net import VoxelMorphNetConfig
+from LungUDRNetLib.comparison_nets import ComparisonNetConfig
 from LungUDRNetLib.model import UDRNetConfig
+from LungUDRNetLib.networks import MODEL_NAMES, config_for
 from LungUDRNetLib.preprocess import GRID_MODES, PreprocessConfig
+from LungUDRNetLib.voxelmorph_net import ARCHITECTURE as PACKAGE_ARCHITECTURE, VoxelMorphNetConfig
 
 _MODEL = UDRNetConfig()
 _PREPROCESS = PreprocessConfig()
-MODEL_NAMES = {"udrnet": "UDRNet (3D VoxelMorph + scHAF)", "voxelmorph": "3D VoxelMorph",
-               "voxelmorph-package": "VoxelMorph (voxelmorph package)"}
 
 
 def _option(default, help: str, choices: tuple | None = None):
@@ -59,9 +59,9 @@ class TrainConfig:
                                                               "grid_mode fit and canonical (mm)")
     # model
     model: str = _option("udrnet", "udrnet (with scHAF), voxelmorph (the ablation baseline: UDRNet without "
-                                   "scHAF) or voxelmorph-package (the voxelmorph package's VxmPairwise with "
-                                   "features = encoder channels + bottleneck; a bench peer)",
-                         ("udrnet", "voxelmorph", "voxelmorph-package"))
+                                   "scHAF), the paper's comparison networks attunet, resunet and transunet (same "
+                                   "widths and depth), or voxelmorph-package (the voxelmorph package's VxmPairwise "
+                                   "with features = encoder channels + bottleneck; a bench peer)", MODEL_NAMES)
     encoder_channels: tuple[int, ...] = _option(_MODEL.encoder_channels, "channels per encoder level")
     bottleneck_channels: int = _option(_MODEL.bottleneck_channels, "channels of the deepest decoder level")
     decoder_channels: tuple[int, ...] = _option(_MODEL.decoder_channels, "channels per decoder level")
@@ -92,13 +92,13 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the network (CUDA)")
     deterministic: bool = _option(False, "deterministic algorithms (slower on CUDA)")
 
-    def model_config(self) -> UDRNetConfig | VoxelMorphNetConfig:
-        """The network architecture: UDRNet with or without scHAF, or the voxelmorph package's network."""
-        if self.model == "voxelmorph-package":
+    def model_config(self) -> UDRNetConfig | ComparisonNetConfig | VoxelMorphNetConfig:
+        """The network architecture: UDRNet with or without scHAF, a comparison network, or the voxelmorph
+        package's network."""
+        if self.model == PACKAGE_ARCHITECTURE:
             return VoxelMorphNetConfig(features=(*self.encoder_channels, self.bottleneck_channels))
-        return UDRNetConfig(encoder_channels=self.encoder_channels, bottleneck_channels=self.bottleneck_channels,
-                            decoder_channels=self.decoder_channels, attention=self.model == "udrnet",
-                            reduction=self.reduction, integration_steps=self.integration_steps)
+        return config_for(self.model, self.encoder_channels, self.bottleneck_channels, self.decoder_channels,
+                          self.integration_steps, self.reduction)
 
     def preprocess_config(self) -> PreprocessConfig:
         """How images reach the network (stored in the checkpoint, reused by ``register``)."""

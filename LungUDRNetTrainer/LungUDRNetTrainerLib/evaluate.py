@@ -38,7 +38,8 @@ from LungUDRNetLib.checkpoint import load_model
 from LungUDRNetLib.errors import InputError, OutputError
 from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.io import atomic_path, read_image
-from LungUDRNetLib.model import UDRNet
+from LungUDRNetLib.model import RegistrationUNet
+from LungUDRNetLib.networks import METHOD_NAMES, PAPER_ORDER, model_name
 from LungUDRNetLib.output_folder import output_lock
 from LungUDRNetLib.outputs import check_output_dir
 from LungUDRNetLib.pairs_csv import read_points_lps
@@ -46,7 +47,6 @@ from LungUDRNetLib.preprocess import PreprocessConfig, read_mask
 from LungUDRNetLib.registration import register
 from LungUDRNetLib.report import registration_report
 
-from .config import MODEL_NAMES
 from .datasets import PairRecord
 from .pair_dataset import check_pairs
 
@@ -64,10 +64,26 @@ METRICS = (
     ("folding_percent", "Folded (%)", 3),
 )
 STATES = ("before", "after")
+HIGHER_IS_BETTER = {"one_minus_mse_percent", "ncc_percent", "dice_percent"}
+LOWER_IS_BETTER = {"tre_keypoints_mm", "tre_landmarks_mm", "tre_points_mm", "sdlogj", "folding_percent"}
 REPORT_FILE = "evaluation.md"
+TOP = 5  # pairs of the paper's Table 2
+# The paper's 1-MSE, NCC and Dice (%) per model: (Table 1, the mean over its validation pairs; Table 2, over
+# its five best). Its Table 3 repeats the Table 1 rows of voxelmorph and udrnet.
+PAPER = {
+    "attunet": ((88.91, 89.72, 54.13), (90.86, 90.54, 58.34)),
+    "resunet": ((89.60, 91.08, 54.55), (91.56, 91.84, 58.91)),
+    "voxelmorph": ((89.72, 91.36, 54.67), (91.65, 92.04, 58.99)),
+    "transunet": ((89.89, 91.45, 54.90), (91.79, 92.13, 59.20)),
+    "udrnet": ((89.90, 91.49, 54.92), (91.82, 92.27, 59.27)),
+}
+TABLES_NOTE = (f"Each network alone, as in the paper. Table 2 reads the paper's \"top five best-performing data\" "
+               f"per metric: for each method and metric, the mean over the {TOP} pairs best in that metric (highest "
+               f"1-MSE, NCC, Dice; lowest TRE, SDlogJ, folding), so the pairs may differ between columns. The "
+               f"paper's figures come from its own data (Learn2Reg LungCT at 192³); compare orderings, not values.")
 
 
-def evaluate_pair(net: UDRNet, preprocess: PreprocessConfig, pair: PairRecord, device: str = "auto") -> dict:
+def evaluate_pair(net: RegistrationUNet, preprocess: PreprocessConfig, pair: PairRecord, device: str = "auto") -> dict:
     """Register one pair and return its row: ``pair``, ``before_<metric>``, ``after_<metric>``, ``seconds``."""
     fixed = read_image(pair.fixed, f"pair {pair.name}: fixed image")
     moving = read_image(pair.moving, f"pair {pair.name}: moving image")
@@ -95,14 +111,31 @@ def evaluate_pair(net: UDRNet, preprocess: PreprocessConfig, pair: PairRecord, d
 
 def summarise(rows: list[dict]) -> dict[str, tuple[float, float]]:
     """Mean and std over pairs of every numeric column (pairs lacking a metric are left out of it)."""
+    return {key: (float(values.mean()), float(values.std())) for key, values in _columns_of(rows).items()}
+
+
+def best_pairs_mean(rows: list[dict], count: int = TOP) -> dict[str, float]:
+    """Per column, the mean over the ``count`` pairs best in that column (highest 1-MSE, NCC, Dice; lowest
+    TRE, SDlogJ, folding): the paper's Table 2 ("top five"), each metric ranked on its own."""
+    means = {}
+    for key, values in _columns_of(rows).items():
+        metric = key.partition("_")[2]
+        if metric in HIGHER_IS_BETTER or metric in LOWER_IS_BETTER:
+            ordered = np.sort(values)
+            means[key] = float((ordered[::-1] if metric in HIGHER_IS_BETTER else ordered)[:count].mean())
+    return means
+
+
+def _columns_of(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The finite values of every numeric column but ``pair``."""
     keys = [k for k in dict.fromkeys(k for row in rows for k in row) if k != "pair"]
-    summary = {}
+    columns = {}
     for key in keys:
         values = np.array([row[key] for row in rows if isinstance(row.get(key), (int, float))], dtype=float)
         values = values[np.isfinite(values)]
         if values.size:
-            summary[key] = (float(values.mean()), float(values.std()))
-    return summary
+            columns[key] = values
+    return columns
 
 
 def _format(value: float | None, decimals: int) -> str:
@@ -119,18 +152,40 @@ def _columns(keys) -> list[tuple[str, str, int]]:
     return [m for m in METRICS if any(f"{s}_{m[0]}" in keys for s in STATES)]
 
 
-def summary_table(methods: list[tuple[str, dict]]) -> str:
-    """The paper's Table 1/3 layout: one row per method (mean +- std), after an identity row."""
-    columns = _columns({k for _, summary in methods for k in summary})
+def _paper_cell(model: str | None, table: int) -> str:
+    figures = PAPER.get(model)
+    return "-" if figures is None else " / ".join(f"{v:.2f}" for v in figures[table == 2])
 
-    def cells(summary: dict, state: str) -> list[str]:
-        values = [summary.get(f"{state}_{key}") for key, _, _ in columns]
+
+def comparison_table(results: list[dict], table: int) -> str:
+    """Table ``table`` of the paper, one row per result after an identity row, the paper's figures in the
+    last column: 1 and 3, mean +- std over the pairs; 2, the mean over each metric's five best pairs."""
+    columns = _columns({k for r in results for k in r["summary"]})
+
+    def cells(result: dict, state: str) -> list[str]:
+        if table == 2:
+            return [_format(result["best"].get(f"{state}_{key}"), d) for key, _, d in columns]
+        values = [result["summary"].get(f"{state}_{key}") for key, _, _ in columns]
         return ["-" if v is None else f"{_format(v[0], d)} ± {_format(v[1], d)}" for v, (_, _, d) in
                 zip(values, columns)]
 
-    body = [["Before registration (identity)", *cells(methods[0][1], "before")]]
-    body += [[name, *cells(summary, "after")] for name, summary in methods]
-    return _markdown(["Method", *(header for _, header, _ in columns)], body)
+    top = f" (mean of the {TOP} best pairs per metric)" if table == 2 else ""
+    header = ["Method", *(f"{h}{' top ' + str(TOP) if table == 2 else ''}" for _, h, _ in columns),
+              f"Paper: 1-MSE / NCC / Dice (%){top}"]
+    body = [["Before registration (identity)", *cells(results[0], "before"), "-"]]
+    body += [[r["method"], *cells(r, "after"), _paper_cell(r["model"], table)] for r in results]
+    return _markdown(header, body)
+
+
+def paper_tables(results: list[dict]) -> str:
+    """Tables 1 and 2 of the paper for ``results`` (in the paper's row order), and Table 3, the ablation,
+    when the results hold both VoxelMorph and UDRNet."""
+    sections = [f"Table 1: mean ± std over the {len(results[0]['rows'])} pairs\n\n{comparison_table(results, 1)}",
+                f"Table 2: the {TOP} best pairs\n\n{comparison_table(results, 2)}"]
+    ablation = [r for r in results if r["model"] in ("voxelmorph", "udrnet")]
+    if {r["model"] for r in ablation} == {"voxelmorph", "udrnet"}:
+        sections.append(f"Table 3: ablation, VoxelMorph without and with scHAF\n\n{comparison_table(ablation, 3)}")
+    return "\n\n".join(sections)
 
 
 def pairs_table(rows: list[dict]) -> str:
@@ -159,8 +214,9 @@ def model_label(path: str | Path) -> str:
 
 def evaluate_checkpoint(checkpoint: str | Path, pairs: list[PairRecord], device: str = "auto",
                         model: tuple | None = None) -> dict:
-    """Rows and summary of one checkpoint: ``label``, ``name`` (the method), ``attention``, ``rows``,
-    ``summary``. ``model``: the checkpoint as :func:`load_model` returns it, when loaded already."""
+    """Rows and summaries of one checkpoint: ``label``, ``model`` (its model name), ``name`` (the paper's
+    method name), ``rows``, ``summary`` and ``best``. ``model``: the checkpoint as :func:`load_model`
+    returns it, when loaded already."""
     net, preprocess, _ = model or load_model(checkpoint)
     label = model_label(checkpoint)
     rows = []
@@ -168,14 +224,16 @@ def evaluate_checkpoint(checkpoint: str | Path, pairs: list[PairRecord], device:
         rows.append(evaluate_pair(net, preprocess, pair, device))
         log.info("[%s %d/%d] %s: NCC %.2f%% -> %.2f%%", label, number, len(pairs), pair.name,
                  rows[-1]["before_ncc_percent"], rows[-1]["after_ncc_percent"])
-    return {"label": label, "name": MODEL_NAMES["udrnet" if net.config.attention else "voxelmorph"],
-            "attention": net.config.attention, "rows": rows, "summary": summarise(rows)}
+    name = model_name(net.config.to_dict())
+    return {"label": label, "model": name, "name": METHOD_NAMES[name], "rows": rows, "summary": summarise(rows),
+            "best": best_pairs_mean(rows)}
 
 
 def evaluate_models(checkpoints: list[str | Path], pairs: list[PairRecord], out_dir: Path, device: str = "auto",
                     overwrite: bool = False) -> str:
     """Evaluate each checkpoint on ``pairs``; write ``pairs_<label>.csv``, ``summary.csv`` and
-    ``evaluation.md`` into ``out_dir``; return the summary table (baseline rows before scHAF rows).
+    ``evaluation.md`` into ``out_dir``; return the paper's tables (:func:`paper_tables`), rows in the
+    paper's order (AttUNet, ResUNet, VoxelMorph, TransUNet, UDRNet).
 
     The folder and every model are checked before any work, and the folder is made only to write the
     tables: a run that fails creates nothing.
@@ -189,28 +247,29 @@ def evaluate_models(checkpoints: list[str | Path], pairs: list[PairRecord], out_
         while result["label"] in {r["label"] for r in results}:
             result["label"] += "_2"
         results.append(result)
-    results.sort(key=lambda r: r["attention"])  # the baseline first, as in the paper's Table 3
+    results.sort(key=lambda r: PAPER_ORDER.index(r["model"]))
     names = [r["name"] for r in results]
     for result in results:
         result["method"] = f"{result['name']} [{result['label']}]" if names.count(result["name"]) > 1 else result["name"]
-    table = summary_table([(r["method"], r["summary"]) for r in results])
+    tables = paper_tables(results)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"output folder {out_dir}: cannot be created ({error.strerror})") from None
     with output_lock(out_dir):
         check_output_dir(out_dir, [], overwrite, (REPORT_FILE,))  # again: another run may have finished meanwhile
-        _write_outputs(out_dir, results, table, len(pairs))
-    return table
+        _write_outputs(out_dir, results, tables, len(pairs))
+    return tables
 
 
-def _write_outputs(out_dir: Path, results: list[dict], table: str, pair_count: int) -> None:
+def _write_outputs(out_dir: Path, results: list[dict], tables: str, pair_count: int) -> None:
     """The per-pair CSVs, the summary CSV and the Markdown report, each written atomically."""
-    sections = [f"# Evaluation on {pair_count} pairs\n\nMean ± std over pairs.\n\n{table}\n"]
+    sections = [f"# Evaluation on {pair_count} pairs\n\n{TABLES_NOTE}\n\n{tables}\n"]
     sections += [f"## {r['method']}: per pair (before → after)\n\n{pairs_table(r['rows'])}\n" for r in results]
     summary_rows = [{"method": r["method"], "pairs": pair_count,
                      **{f"{key}_{stat}": value[i] for key, value in r["summary"].items()
-                        for i, stat in enumerate(("mean", "std"))}} for r in results]
+                        for i, stat in enumerate(("mean", "std"))},
+                     **{f"{key}_top{TOP}": value for key, value in r["best"].items()}} for r in results]
     outputs = {f"pairs_{r['label']}.csv": _csv(r["rows"]) for r in results}
     outputs.update({"summary.csv": _csv(summary_rows), REPORT_FILE: "\n".join(sections)})
     for file_name, text in outputs.items():

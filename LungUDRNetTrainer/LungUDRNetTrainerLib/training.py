@@ -1,4 +1,4 @@
-"""The training loop: unsupervised UDRNet / VoxelMorph training as in the paper (section 4.2).
+"""The training loop: unsupervised training of UDRNet, its VoxelMorph baseline or a comparison network, as in the paper (section 4.2).
 
 One epoch = one pass over the training pairs in a seeded order (per process,
 under ``torchrun``), Adam steps of ``batch_size`` pairs (reached by gradient
@@ -53,7 +53,7 @@ from LungUDRNetLib.errors import CancelledError, InputError, ModelError, OutputE
 from LungUDRNetLib.instance_optimisation import METADATA_KEY as OPTIMISATION_KEY, InstanceOptimisationConfig
 from LungUDRNetLib.io import atomic_path
 from LungUDRNetLib.losses import registration_loss, supervised_flow_error
-from LungUDRNetLib.model import UDRNet, UDRNetConfig
+from LungUDRNetLib.networks import METHOD_NAMES, network_from_config
 from LungUDRNetLib.output_folder import output_lock
 from LungUDRNetLib.outputs import check_output_dir
 from LungUDRNetLib.progress_events import emit, emit_progress
@@ -61,7 +61,7 @@ from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 from LungUDRNetLib.warp import warp
 
 from . import distributed
-from .config import MODEL_NAMES, TrainConfig, write_config
+from .config import TrainConfig, write_config
 from .datasets import load_splits
 from .pair_dataset import PairDataset, check_pairs
 from .runlog import RunLog
@@ -158,11 +158,12 @@ def stop_on_signals(stop: threading.Event):
             signal.signal(signum, handler)
 
 
-def build_network(model_config: UDRNetConfig | VoxelMorphNetConfig) -> torch.nn.Module:
-    """A freshly initialised network for ``model_config`` (UDRNet, or the voxelmorph package's)."""
+def build_network(model_config) -> torch.nn.Module:
+    """A freshly initialised network for ``model_config`` (:mod:`LungUDRNetLib.networks`, or the voxelmorph
+    package's)."""
     if isinstance(model_config, VoxelMorphNetConfig):
         return VoxelMorphNet(model_config)
-    return UDRNet(model_config)
+    return network_from_config(model_config.to_dict())
 
 
 class Trainer:
@@ -381,7 +382,7 @@ class Trainer:
         if not self.context.is_main:
             return
         progress = self.progress
-        metadata = {"name": MODEL_NAMES[self.config.model], "model": self.config.model, "epoch": progress.epoch,
+        metadata = {"name": METHOD_NAMES[self.config.model], "model": self.config.model, "epoch": progress.epoch,
                     "best_epoch": progress.best_epoch, "best_val_loss": progress.best_val_loss,
                     "train_config": self.config.to_dict(), "trainer": "LungUDRNetTrainer",
                     "torch": str(torch.__version__), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
