@@ -3,17 +3,21 @@ their defining parts, learning, the trainer and the round trip of a checkpoint t
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
+from LungUDRNetBench.command import add_parser, selected_methods as bench_methods
+from LungUDRNetBench.peers import Options, transunet
 from LungUDRNetLib import cli
 from LungUDRNetLib.checkpoint import load_model, read_checkpoint, save_checkpoint
 from LungUDRNetLib.comparison_nets import (ARCHITECTURES, AttentionGate, BottleneckTransformer, ComparisonNet,
                                            ComparisonNetConfig, ResidualBlock)
 from LungUDRNetLib.errors import InputError, ModelError
-from LungUDRNetLib.io import read_displacement_field
+from LungUDRNetLib.io import read_displacement_field, read_image
 from LungUDRNetLib.losses import registration_loss
 from LungUDRNetLib.model import UDRNet
 from LungUDRNetLib.networks import config_for, network_from_config, parameter_count
@@ -176,3 +180,29 @@ def test_the_trainer_config_names_the_wrong_head_count():
     with pytest.raises(InputError, match="transformer heads"):
         resolve_config("smoke", overrides={"model": "transunet", "encoder_channels": (4, 8, 6),
                                            "decoder_channels": (8, 8, 4)})
+
+
+def _bench_methods(*flags: str) -> list[str]:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return bench_methods(parser.parse_args(["bench", *flags]))
+
+
+def test_the_bench_runs_the_comparison_networks_it_has_weights_for(trained_transunet):
+    _, run, _ = trained_transunet
+    assert not set(ARCHITECTURES) & set(_bench_methods())
+    methods = _bench_methods("--comparison-weights", str(run / "best.pt"))
+    assert "transunet" in methods and "attunet" not in methods
+    assert _bench_methods("--methods", "identity,attunet") == ["identity", "attunet"]
+
+
+def test_the_bench_peer_is_the_trained_network_alone(trained_transunet):
+    toy, run, _ = trained_transunet
+    fixed, moving = (read_image(toy / "imagesTr" / f"Toy_0006_000{i}.nii.gz") for i in (0, 1))
+    field = transunet(fixed, moving, Options(comparison_weights=(str(run / "best.pt"),)))
+    expected = register(fixed, moving, model=load_model(run), device="cpu", fast=True, affine=False,
+                        never_worse=False)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(field), sitk.GetArrayFromImage(expected.displacement),
+                               atol=1e-5)
+    untrained = transunet(fixed, moving, Options())  # no checkpoint of it: a fresh network, near-zero field
+    assert np.abs(sitk.GetArrayFromImage(untrained)).max() < 0.01 < np.abs(sitk.GetArrayFromImage(field)).max()

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from . import data, tables, unseen
-from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS
+from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, read_checkpoint
+from LungUDRNetLib.comparison_nets import ARCHITECTURES
 from LungUDRNetLib.errors import InputError
+from LungUDRNetLib.networks import model_name
 from .evaluate import evaluate
 from .peers import METHODS, Options
 from .runner import Job, run_job
@@ -36,8 +38,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", default="bench_results", help="output folder")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 2 tiny phantom pairs, methods {', '.join(QUICK_METHODS)}, 1 repeat")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated subset of the methods (default: all of them, %(default)s)")
+    parser.add_argument("--methods",
+                        help=f"comma-separated methods of {', '.join(METHODS)} (default: all but the paper's "
+                             f"comparison networks {', '.join(ARCHITECTURES)}, which join it for each "
+                             f"--comparison-weights checkpoint)")
     parser.add_argument("--pairs", type=int, default=6, metavar="N",
                         help="number of synthetic breathing pairs on the Learn2Reg grid")
     parser.add_argument("--groups", default="standard,unseen",
@@ -59,6 +63,9 @@ def add_parser(subparsers) -> None:
                              "the one trained like the bundled weights, where the source tree has it)")
     parser.add_argument("--voxelmorph-weights",
                         help="checkpoint of `lungudrnet train --model voxelmorph-package` (default: as above)")
+    parser.add_argument("--comparison-weights", action="append", default=[], metavar="CHECKPOINT",
+                        help="checkpoint of `lungudrnet train --model attunet|resunet|transunet`; repeat for each "
+                             "(the method is the checkpoint's network)")
     parser.add_argument("--elastix-iterations", type=int, default=Options.elastix_iterations,
                         help="iterations per resolution of elastix (Par0011 uses 1000)")
     parser.set_defaults(run=run_bench)
@@ -81,12 +88,22 @@ def _pair_folders(args: argparse.Namespace, cache: Path) -> list[Path]:
     return folders
 
 
-def _methods(args: argparse.Namespace) -> list[str]:
-    methods = QUICK_METHODS if args.quick else [m.strip() for m in args.methods.split(",") if m.strip()]
+def selected_methods(args: argparse.Namespace) -> list[str]:
+    if args.quick:
+        return QUICK_METHODS
+    if args.methods is None:
+        given = _networks_of(args.comparison_weights)
+        return [m for m in METHODS if m not in ARCHITECTURES or m in given]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"bench: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return methods
+
+
+def _networks_of(checkpoints: list[str]) -> set[str]:
+    """The model names (``attunet``, ...) of the networks in ``checkpoints``."""
+    return {model_name(read_checkpoint(path)["model_config"]) for path in checkpoints}
 
 
 def _evaluated(pair: data.BenchPair, out: Path) -> tuple[dict | None, str | None]:
@@ -133,7 +150,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     repeats = 1 if args.quick else args.repeats
     given = {f.name: getattr(args, f.name) for f in fields(Options)}
     options = Options(**{**given, "baseline_weights": args.baseline_weights or _shipped("udrnet_noattention.pt"),
-                         "voxelmorph_weights": args.voxelmorph_weights or _shipped("voxelmorph_package.pt")})
+                         "voxelmorph_weights": args.voxelmorph_weights or _shipped("voxelmorph_package.pt"),
+                         "comparison_weights": tuple(args.comparison_weights)})
     machine = tables.machine_description(args.threads)
     pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
     notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
@@ -149,13 +167,17 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
     for method, weights in (("udrnet-noattention", options.baseline_weights),
                             ("voxelmorph", options.voxelmorph_weights)):
-        if weights is None and method in _methods(args):
+        if weights is None and method in selected_methods(args):
             notes.append(f"{method}: no trained weights given; an untrained network (accuracy not meaningful)")
+    trained = _networks_of(options.comparison_weights)
+    for method in [m for m in ARCHITECTURES if m in selected_methods(args) and m not in trained]:
+        notes.append(f"{method}: no --comparison-weights checkpoint of it; an untrained network (accuracy not "
+                     "meaningful)")
     gpu = gpu_network_seconds()
     if gpu is not None:
         notes.append(f"UDRNet network step on {machine['gpu']} at 192x192x208: {gpu * 1000:.1f} ms (median)")
     rows = []
-    for method in _methods(args):
+    for method in selected_methods(args):
         for pair in pairs:
             job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
                       args.threads, repeats, args.warmup, asdict(options), args.slow_seconds or float("inf"))

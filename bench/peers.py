@@ -21,8 +21,10 @@ import SimpleITK as sitk
 import torch
 
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
+from LungUDRNetLib.comparison_nets import ComparisonNet, ComparisonNetConfig
 from LungUDRNetLib.io import read_displacement_field
 from LungUDRNetLib.model import UDRNet
+from LungUDRNetLib.networks import model_name
 from LungUDRNetLib.preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
 from LungUDRNetLib.registration import optimisation_for, predict_flow, register
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
@@ -37,6 +39,7 @@ class Options:
     weights: str | None = None
     baseline_weights: str | None = None
     voxelmorph_weights: str | None = None
+    comparison_weights: tuple[str, ...] = ()  # checkpoints of the paper's comparison networks, any order
     elastix_iterations: int = 500
 
 
@@ -91,9 +94,16 @@ def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, at
     lung masks, affine and stage choice of ``register``, with instance
     optimisation unless ``fast`` (its model's iterations times ``iterations_factor``).
     """
-    model, preprocess, info = _udrnet_model(weights, attention)
-    if model.config.attention != attention:
-        raise ValueError(f"the checkpoint's network has attention={model.config.attention}, expected {attention}")
+    model = _udrnet_model(weights, attention)
+    if model[0].config.attention != attention:
+        raise ValueError(f"the checkpoint's network has attention={model[0].config.attention}, expected {attention}")
+    return _network_field(fixed, moving, model, pipeline, fast, iterations_factor)
+
+
+def _network_field(fixed: sitk.Image, moving: sitk.Image, model: tuple, pipeline: bool = False, fast: bool = True,
+                   iterations_factor: int = 1) -> Field:
+    """:func:`_udrnet_field` for ``model`` as :func:`load_model` returns it."""
+    model, preprocess, info = model
     optimisation = optimisation_for(info, fast)
     if optimisation is not None:
         optimisation = replace(optimisation, iterations=optimisation.iterations * iterations_factor)
@@ -131,6 +141,32 @@ def udrnet_pipeline_4x(fixed: sitk.Image, moving: sitk.Image, options: Options) 
 def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """Our own VoxelMorph baseline: ``UDRNet(attention=False)`` through the same pipeline."""
     return _udrnet_field(fixed, moving, options.baseline_weights, attention=False)
+
+
+def _comparison_model(name: str, options: Options) -> tuple:
+    """The checkpoint of ``options.comparison_weights`` that holds network ``name``; without one, that network
+    untrained (seed 0) on the bundled weights' preprocessing (runtime and memory are valid, accuracy is not)."""
+    for path in options.comparison_weights:
+        if model_name(read_checkpoint(path)["model_config"]) == name:
+            return load_model(path)
+    _, preprocess, info = _udrnet_model(None)
+    torch.manual_seed(0)
+    return ComparisonNet(ComparisonNetConfig(name)).eval(), preprocess, {**info, "trained": False}
+
+
+def attunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """The paper's 3D AttUNet (``lungudrnet train --model attunet``), the network alone like :func:`udrnet`."""
+    return _network_field(fixed, moving, _comparison_model("attunet", options))
+
+
+def resunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """The paper's 3D ResUNet, the network alone."""
+    return _network_field(fixed, moving, _comparison_model("resunet", options))
+
+
+def transunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+    """The paper's 3D TransUNet, the network alone."""
+    return _network_field(fixed, moving, _comparison_model("transunet", options))
 
 
 def voxelmorph_package(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
@@ -279,6 +315,9 @@ METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {  # fa
     "udrnet-pipeline-2x": udrnet_pipeline_2x,
     "udrnet-pipeline-4x": udrnet_pipeline_4x,
     "udrnet-noattention": voxelmorph_baseline,
+    "attunet": attunet,
+    "resunet": resunet,
+    "transunet": transunet,
     "voxelmorph": voxelmorph_package,
     "sitk-demons": sitk_demons,
     "elastix-bspline": elastix_bspline,

@@ -1,4 +1,5 @@
-"""The training loop: unsupervised training of UDRNet, its VoxelMorph baseline or a comparison network, as in the paper (section 4.2).
+"""The training loop: unsupervised training as in the paper (section 4.2) of UDRNet, its VoxelMorph
+baseline or a comparison network.
 
 One epoch = one pass over the training pairs in a seeded order (per process,
 under ``torchrun``), Adam steps of ``batch_size`` pairs (reached by gradient
