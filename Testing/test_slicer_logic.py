@@ -22,6 +22,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 
 from LungUDRNetLib import UDRNet, UDRNetConfig, geometry, register
 from LungUDRNetLib.checkpoint import save_checkpoint, untrained_model
+from LungUDRNetLib.comparison_nets import ComparisonNet, ComparisonNetConfig
 from LungUDRNetLib.errors import CancelledError, InputError, LungUDRNetError
 from LungUDRNetLib.io import read_displacement_field, write_displacement_field
 from LungUDRNetLib.phantom import (analytic_displacement, analytic_field, chest_phantom, lung_mask_phantom,
@@ -350,6 +351,24 @@ def test_a_segmentation_is_a_mask_on_its_volumes_grid(scene, images, volumes):
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing drawn")
     with pytest.raises(InputError, match="nothing drawn.*no segments"):
         mask_from_node(empty, volumes["moving"], "moving mask")
+
+
+def test_a_comparison_network_checkpoint_registers_in_the_slicer_logic(scene, images, volumes, tmp_path):
+    network = ComparisonNet(ComparisonNetConfig("transunet", encoder_channels=(4, 4, 4, 4), bottleneck_channels=4,
+                                                decoder_channels=(4, 4, 4, 4)))
+    with torch.no_grad():
+        network.flow.weight.zero_()
+        network.flow.bias.copy_(torch.tensor([1.0, -0.5, 0.75]))
+    path = save_checkpoint(tmp_path / "transunet.pt", network, PreprocessConfig(grid_shape=(32, 32, 32)))
+
+    output = RegistrationLogic().process(volumes["fixed"], volumes["moving"], model=path, device="cpu",
+                                        show_aligned=False)
+
+    core_vectors = sitk.GetArrayViewFromImage(register(images["fixed"], images["moving"], model=path,
+                                                       device="cpu").native_displacement)
+    assert np.abs(core_vectors).max() > 1.0
+    np.testing.assert_allclose(slicer.util.arrayFromGridTransform(output.transform), core_vectors * RAS_FLIP, atol=1e-4)
+    assert output.transform.GetAttribute("LungUDRNet.model") == str(path)
 
 
 def test_segmentations_as_masks_give_the_labelmaps_result(scene, images, volumes, shift_model):
