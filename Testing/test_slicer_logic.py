@@ -353,7 +353,7 @@ def test_a_segmentation_is_a_mask_on_its_volumes_grid(scene, images, volumes):
         mask_from_node(empty, volumes["moving"], "moving mask")
 
 
-def test_a_comparison_network_checkpoint_registers_in_the_slicer_logic(scene, images, volumes, tmp_path):
+def test_a_comparison_network_checkpoint_loads_in_the_slicer_logic(scene, images, volumes, tmp_path):
     network = ComparisonNet(ComparisonNetConfig("transunet", encoder_channels=(4, 4, 4, 4), bottleneck_channels=4,
                                                 decoder_channels=(4, 4, 4, 4)))
     with torch.no_grad():

@@ -88,12 +88,12 @@ def _pair_folders(args: argparse.Namespace, cache: Path) -> list[Path]:
     return folders
 
 
-def selected_methods(args: argparse.Namespace) -> list[str]:
+def selected_methods(args: argparse.Namespace, comparison: dict[str, str]) -> list[str]:
+    """The methods to run; ``comparison``: :func:`comparison_checkpoints` of ``args``."""
     if args.quick:
         return QUICK_METHODS
     if args.methods is None:
-        given = _networks_of(args.comparison_weights)
-        return [m for m in METHODS if m not in ARCHITECTURES or m in given]
+        return [m for m in METHODS if m not in ARCHITECTURES or m in comparison]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -101,9 +101,18 @@ def selected_methods(args: argparse.Namespace) -> list[str]:
     return methods
 
 
-def _networks_of(checkpoints: list[str]) -> set[str]:
-    """The model names (``attunet``, ...) of the networks in ``checkpoints``."""
-    return {model_name(read_checkpoint(path)["model_config"]) for path in checkpoints}
+def comparison_checkpoints(checkpoints: list[str]) -> dict[str, str]:
+    """``{model name: checkpoint}`` of the ``--comparison-weights`` files: one per comparison network."""
+    found = {}
+    for path in checkpoints:
+        name = model_name(read_checkpoint(path)["model_config"])
+        if name not in ARCHITECTURES:
+            raise InputError(f"bench: --comparison-weights {path}: holds {name}, not one of {', '.join(ARCHITECTURES)}"
+                             f"{'; pass it with --weights or --baseline-weights' if name in ('udrnet', 'voxelmorph') else ''}")
+        if name in found:
+            raise InputError(f"bench: --comparison-weights {path}: a second {name} checkpoint (first: {found[name]})")
+        found[name] = path
+    return found
 
 
 def _evaluated(pair: data.BenchPair, out: Path) -> tuple[dict | None, str | None]:
@@ -149,9 +158,11 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     repeats = 1 if args.quick else args.repeats
     given = {f.name: getattr(args, f.name) for f in fields(Options)}
+    comparison = comparison_checkpoints(args.comparison_weights)
+    methods = selected_methods(args, comparison)
     options = Options(**{**given, "baseline_weights": args.baseline_weights or _shipped("udrnet_noattention.pt"),
                          "voxelmorph_weights": args.voxelmorph_weights or _shipped("voxelmorph_package.pt"),
-                         "comparison_weights": tuple(args.comparison_weights)})
+                         "comparison_weights": comparison})
     machine = tables.machine_description(args.threads)
     pairs = [data.read_pair(folder) for folder in _pair_folders(args, out / "pairs")]
     notes = [f"{len(pairs)} pairs: {', '.join(p.name for p in pairs)}",
@@ -167,17 +178,16 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         notes.append("bundled UDRNet weights absent: UDRNet rows use an untrained network (accuracy not meaningful)")
     for method, weights in (("udrnet-noattention", options.baseline_weights),
                             ("voxelmorph", options.voxelmorph_weights)):
-        if weights is None and method in selected_methods(args):
+        if weights is None and method in methods:
             notes.append(f"{method}: no trained weights given; an untrained network (accuracy not meaningful)")
-    trained = _networks_of(options.comparison_weights)
-    for method in [m for m in ARCHITECTURES if m in selected_methods(args) and m not in trained]:
+    for method in [m for m in ARCHITECTURES if m in methods and m not in comparison]:
         notes.append(f"{method}: no --comparison-weights checkpoint of it; an untrained network (accuracy not "
                      "meaningful)")
     gpu = gpu_network_seconds()
     if gpu is not None:
         notes.append(f"UDRNet network step on {machine['gpu']} at 192x192x208: {gpu * 1000:.1f} ms (median)")
     rows = []
-    for method in selected_methods(args):
+    for method in methods:
         for pair in pairs:
             job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
                       args.threads, repeats, args.warmup, asdict(options), args.slow_seconds or float("inf"))

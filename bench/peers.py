@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +21,10 @@ import SimpleITK as sitk
 import torch
 
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
-from LungUDRNetLib.comparison_nets import ComparisonNet, ComparisonNetConfig
+from LungUDRNetLib.comparison_nets import ARCHITECTURES as COMPARISON_ARCHITECTURES
 from LungUDRNetLib.io import read_displacement_field
 from LungUDRNetLib.model import UDRNet
-from LungUDRNetLib.networks import model_name
+from LungUDRNetLib.networks import METHOD_NAMES, config_for, model_name, network_from_config
 from LungUDRNetLib.preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
 from LungUDRNetLib.registration import optimisation_for, predict_flow, register
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
@@ -39,7 +39,7 @@ class Options:
     weights: str | None = None
     baseline_weights: str | None = None
     voxelmorph_weights: str | None = None
-    comparison_weights: tuple[str, ...] = ()  # checkpoints of the paper's comparison networks, any order
+    comparison_weights: dict[str, str] = field(default_factory=dict)  # {attunet|resunet|transunet: checkpoint}
     elastix_iterations: int = 500
 
 
@@ -95,8 +95,10 @@ def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, at
     optimisation unless ``fast`` (its model's iterations times ``iterations_factor``).
     """
     model = _udrnet_model(weights, attention)
-    if model[0].config.attention != attention:
-        raise ValueError(f"the checkpoint's network has attention={model[0].config.attention}, expected {attention}")
+    found, expected = model_name(model[0].config.to_dict()), "udrnet" if attention else "voxelmorph"
+    if found != expected:
+        raise ValueError(f"the checkpoint holds {METHOD_NAMES[found]}, not {METHOD_NAMES[expected]}"
+                         + ("; pass it with --comparison-weights" if found in COMPARISON_ARCHITECTURES else ""))
     return _network_field(fixed, moving, model, pipeline, fast, iterations_factor)
 
 
@@ -144,14 +146,16 @@ def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options)
 
 
 def _comparison_model(name: str, options: Options) -> tuple:
-    """The checkpoint of ``options.comparison_weights`` that holds network ``name``; without one, that network
-    untrained (seed 0) on the bundled weights' preprocessing (runtime and memory are valid, accuracy is not)."""
-    for path in options.comparison_weights:
-        if model_name(read_checkpoint(path)["model_config"]) == name:
-            return load_model(path)
-    _, preprocess, info = _udrnet_model(None)
+    """Network ``name`` from its checkpoint in ``options.comparison_weights``; without one, untrained (seed 0)
+    at the widths and on the preprocessing of the bundled weights (runtime and memory are valid, accuracy is not)."""
+    if name in options.comparison_weights:
+        return load_model(options.comparison_weights[name])
+    bundled, preprocess, info = _udrnet_model(None)
+    widths = bundled.config
     torch.manual_seed(0)
-    return ComparisonNet(ComparisonNetConfig(name)).eval(), preprocess, {**info, "trained": False}
+    network = network_from_config(config_for(name, widths.encoder_channels, widths.bottleneck_channels,
+                                             widths.decoder_channels).to_dict())
+    return network.eval(), preprocess, {**info, "trained": False}
 
 
 def attunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:

@@ -90,8 +90,8 @@ def load_model(path: str | os.PathLike | None = None) -> tuple[RegistrationUNet,
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     state = read_checkpoint(path)
     if is_voxelmorph_config(state["model_config"]):
-        raise ModelError(f"model {path}: holds the voxelmorph package's network (a benchmark baseline), not "
-                         "UDRNet; use it with `lungudrnet bench --voxelmorph-weights`")
+        raise ModelError(f"model {path}: holds the voxelmorph package's network (a benchmark baseline), which "
+                         "register does not load; use it with `lungudrnet bench --voxelmorph-weights`")
     try:
         preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
     except (TypeError, KeyError, ValueError) as error:

@@ -48,6 +48,8 @@ class ComparisonNetConfig:
             raise ValueError(f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
         if len(self.encoder_channels) != len(self.decoder_channels):
             raise ValueError("encoder_channels and decoder_channels need the same number of levels")
+        if self.transformer_layers < 1 or self.transformer_heads < 1:
+            raise ValueError("transformer_layers and transformer_heads must be at least 1")
         if self.architecture == "transunet" and self.encoder_channels[-1] % self.transformer_heads:
             raise ValueError(f"transunet: the deepest encoder level's {self.encoder_channels[-1]} channels do not "
                              f"split into {self.transformer_heads} transformer heads")

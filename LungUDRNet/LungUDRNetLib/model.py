@@ -98,7 +98,7 @@ def _match_size(upsampled: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
 class RegistrationUNet(nn.Module):
     """The shared skeleton: a [moving, fixed] pair [B, 2, D, H, W] in, the voxel displacement [B, 3, D, H, W] out.
 
-    Encoder levels of :meth:`block` then max pooling; :meth:`bottleneck` on the
+    Encoder levels of :meth:`block` then max pooling; :meth:`bottleneck_module` on the
     deepest pooled map; decoder levels of :meth:`block` then a transposed
     convolution, each joined with its encoder level's feature passed through
     :meth:`skip_gate`; a last block and a 3x3x3 convolution initialised near

@@ -5,7 +5,7 @@ jobs that the Slicer panels start) writes one JSON object per line on its
 standard output and everything else (log, progress bars, library messages) on
 standard error, so that the parent never parses log text. The events:
 
-* ``{"event": "progress", "fraction": 0.3, "stage": "registration", "message": "running UDRNet on cpu"}``
+* ``{"event": "progress", "fraction": 0.3, "stage": "registration", "message": "running the network on cpu"}``
   (fraction of the whole job in [0, 1]);
 * ``{"event": "warning", "message": "..."}`` (every warning the job logs);
 * ``{"event": "summary", "message": "epoch 3: train loss ..."}`` (training: the last finished epoch);

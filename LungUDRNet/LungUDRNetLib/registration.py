@@ -432,7 +432,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         branches.append(Branch("affine + network", affine_transform, grid, aligned_net))
     timings["preprocess"] = time.perf_counter() - step
 
-    report(0.3, f"running UDRNet on {target.type}")
+    report(0.3, f"running the network on {target.type}")
     step = time.perf_counter()
     for branch in branches:
         if branch.name.endswith("network"):
