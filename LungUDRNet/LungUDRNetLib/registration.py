@@ -453,11 +453,11 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     if optimising:
         report(0.5, f"instance optimisation on this pair ({optimisation.iterations} iterations)")
         step = time.perf_counter()
-        start_from = kept if kept.flow is not None else max((b for b in branches if b.flow is not None),
-                                                            key=lambda b: _score_of(scores, b.name))
-        result = optimise(start_from.flow, grid, fixed_image, moving_image, config, optimisation,
-                          start_from.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs))
-        optimised = Branch(f"{start_from.name} + {OPTIMISED}", start_from.transform, grid, start_from.moving_net,
+        # from the stage kept so far: a network field that lowered the similarity is not a start
+        start_flow = kept.flow if kept.flow is not None else np.zeros((3, *grid.GetSize()[::-1]), np.float32)
+        result = optimise(start_flow, grid, fixed_image, moving_image, config, optimisation,
+                          kept.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs))
+        optimised = Branch(f"{kept.name} + {OPTIMISED}", kept.transform, grid, kept.moving_net,
                            flow_on_grid(result.flow, result.grid, grid))
         if result.folded_percent > max(MAX_FOLDED_PERCENT, result.start_folded_percent):
             log.warning("instance optimisation folded %.2f%% of its grid (more than %g%% and than the %.2f%% of "
