@@ -162,7 +162,8 @@ def test_a_checkpoint_round_trips_through_register(trained_transunet, tmp_path):
     fixed_file, moving_file = (toy / "imagesTr" / f"Toy_0006_000{i}.nii.gz" for i in (0, 1))
     out = tmp_path / "result"
     assert cli.main(["register", "--fixed", str(fixed_file), "--moving", str(moving_file), "--model", str(run),
-                     "--out", str(out), "--fast", "--no-affine", "--device", "cpu", "--displacement-grid", "fixed"]) == 0
+                     "--out", str(out), "--fast", "--no-affine", "--device", "cpu",
+                     "--displacement-grid", "fixed"]) == 0
     written = sitk.GetArrayFromImage(read_displacement_field(out / "displacement.nii.gz"))
     # the same network rebuilt in memory from the weights gives the same field
     state = read_checkpoint(run / "best.pt")

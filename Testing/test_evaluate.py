@@ -77,6 +77,7 @@ def test_checkpoints_give_per_pair_tables_and_the_papers_three_tables(toy, tmp_p
         "-", "90.86 / 90.54 / 58.34", "91.65 / 92.04 / 58.99", "91.82 / 92.27 / 59.27"]
     assert [row[0] for row in tables["Table 3"][1:]] == [
         "Before registration (identity)", "3D VoxelMorph", "UDRNet (3D VoxelMorph + scHAF)"]
+    assert tables["Table 3"][1] == tables["Table 1"][1]  # one identity row in every table
 
     pairs = _rows(out / "pairs_udrnet.csv")
     assert [row["pair"] for row in pairs] == ["Toy_0002", "Toy_0003"]

@@ -107,8 +107,9 @@ def comparison_checkpoints(checkpoints: list[str]) -> dict[str, str]:
     for path in checkpoints:
         name = model_name(read_checkpoint(path)["model_config"])
         if name not in ARCHITECTURES:
-            raise InputError(f"bench: --comparison-weights {path}: holds {name}, not one of {', '.join(ARCHITECTURES)}"
-                             f"{'; pass it with --weights or --baseline-weights' if name in ('udrnet', 'voxelmorph') else ''}")
+            hint = "; pass it with --weights or --baseline-weights" if name in ("udrnet", "voxelmorph") else ""
+            raise InputError(f"bench: --comparison-weights {path}: holds {name}, not one of "
+                             f"{', '.join(ARCHITECTURES)}{hint}")
         if name in found:
             raise InputError(f"bench: --comparison-weights {path}: a second {name} checkpoint (first: {found[name]})")
         found[name] = path
