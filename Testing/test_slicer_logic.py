@@ -364,8 +364,8 @@ def test_a_comparison_network_checkpoint_loads_in_the_slicer_logic(scene, images
     output = RegistrationLogic().process(volumes["fixed"], volumes["moving"], model=path, device="cpu",
                                         show_aligned=False)
 
-    core_vectors = sitk.GetArrayViewFromImage(register(images["fixed"], images["moving"], model=path,
-                                                       device="cpu").native_displacement)
+    core = register(images["fixed"], images["moving"], model=path, device="cpu")
+    core_vectors = sitk.GetArrayViewFromImage(core.native_displacement)  # a view: ``core`` must outlive it
     assert np.abs(core_vectors).max() > 1.0
     np.testing.assert_allclose(slicer.util.arrayFromGridTransform(output.transform), core_vectors * RAS_FLIP, atol=1e-4)
     assert output.transform.GetAttribute("LungUDRNet.model") == str(path)
