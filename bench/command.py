@@ -128,9 +128,9 @@ def gpu_network_seconds(shape: tuple[int, int, int] = (192, 192, 208), repeats: 
     """Median seconds of one UDRNet forward pass on CUDA at ``shape`` (None without CUDA)."""
     if not torch.cuda.is_available():
         return None
-    from .peers import _udrnet_model
+    from .peers import _network_model
 
-    model = _udrnet_model(None)[0].cuda()
+    model = _network_model(None)[0].cuda()
     pair = torch.rand(2, 1, 1, *shape, device="cuda")
     times = []
     with torch.inference_mode():

@@ -23,7 +23,6 @@ import torch
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, untrained_model
 from LungUDRNetLib.comparison_nets import ARCHITECTURES as COMPARISON_ARCHITECTURES
 from LungUDRNetLib.io import read_displacement_field
-from LungUDRNetLib.model import UDRNet
 from LungUDRNetLib.networks import METHOD_NAMES, config_for, model_name, network_from_config
 from LungUDRNetLib.preprocess import PreprocessConfig, flow_to_fixed_field, normalise_ct, prepare_pair
 from LungUDRNetLib.registration import optimisation_for, predict_flow, register
@@ -74,38 +73,40 @@ def identity(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     return _field_like(np.zeros((*fixed.GetSize()[::-1], 3)), fixed)
 
 
-def _udrnet_model(path: str | None, attention: bool = True):
-    """The network from ``path``; without one the bundled weights (or, absent, an untrained network)
-    and, for ``attention=False``, an untrained baseline on their preprocessing (accuracy then meaningless)."""
+def _network_model(path: str | None, name: str = "udrnet") -> tuple:
+    """Network ``name`` (a model name of :mod:`LungUDRNetLib.networks`) as :func:`load_model` returns it: from
+    checkpoint ``path`` (ValueError if it holds another network); without one, for ``udrnet`` the bundled
+    weights (absent: an untrained UDRNet), for any other an untrained network (seed 0) at the bundled widths and
+    on their preprocessing (runtime and memory are valid, accuracy is not)."""
     if path is not None:
-        return load_model(path)
-    model, preprocess, info = load_model(None) if DEFAULT_WEIGHTS.is_file() else untrained_model()
-    if not attention:
-        model, info = UDRNet(replace(model.config, attention=False)).eval(), {**info, "trained": False}
-    return model, preprocess, info
+        model = load_model(path)
+        found = model_name(model[0].config.to_dict())
+        if found != name:
+            raise ValueError(f"the checkpoint holds {METHOD_NAMES[found]}, not {METHOD_NAMES[name]}"
+                             + ("; pass it with --comparison-weights" if found in COMPARISON_ARCHITECTURES else ""))
+        return model
+    bundled, preprocess, info = load_model(None) if DEFAULT_WEIGHTS.is_file() else untrained_model()
+    if name == "udrnet":
+        return bundled, preprocess, info
+    widths = bundled.config
+    torch.manual_seed(0)
+    network = network_from_config(config_for(name, widths.encoder_channels, widths.bottleneck_channels,
+                                             widths.decoder_channels, widths.integration_steps,
+                                             widths.reduction).to_dict())
+    return network.eval(), preprocess, {**info, "trained": False}
 
 
-def _udrnet_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, attention: bool = True,
-                  pipeline: bool = False, fast: bool = True, iterations_factor: int = 1) -> Field:
-    """:func:`LungUDRNetLib.register`'s displacement on the fixed grid (the harness warps it itself).
+def _network_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, name: str = "udrnet",
+                   pipeline: bool = False, fast: bool = True, iterations_factor: int = 1) -> Field:
+    """:func:`LungUDRNetLib.register`'s displacement on the fixed grid (the harness warps it itself) with
+    network ``name`` of checkpoint ``weights`` (:func:`_network_model`).
 
     ``pipeline=False``: the paper's method, the network as it is, without
     affine pre-alignment, instance optimisation or stage choice; True: the
     lung masks, affine and stage choice of ``register``, with instance
     optimisation unless ``fast`` (its model's iterations times ``iterations_factor``).
     """
-    model = _udrnet_model(weights, attention)
-    found, expected = model_name(model[0].config.to_dict()), "udrnet" if attention else "voxelmorph"
-    if found != expected:
-        raise ValueError(f"the checkpoint holds {METHOD_NAMES[found]}, not {METHOD_NAMES[expected]}"
-                         + ("; pass it with --comparison-weights" if found in COMPARISON_ARCHITECTURES else ""))
-    return _network_field(fixed, moving, model, pipeline, fast, iterations_factor)
-
-
-def _network_field(fixed: sitk.Image, moving: sitk.Image, model: tuple, pipeline: bool = False, fast: bool = True,
-                   iterations_factor: int = 1) -> Field:
-    """:func:`_udrnet_field` for ``model`` as :func:`load_model` returns it."""
-    model, preprocess, info = model
+    model, preprocess, info = _network_model(weights, name)
     optimisation = optimisation_for(info, fast)
     if optimisation is not None:
         optimisation = replace(optimisation, iterations=optimisation.iterations * iterations_factor)
@@ -116,61 +117,48 @@ def _network_field(fixed: sitk.Image, moving: sitk.Image, model: tuple, pipeline
 
 def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """UDRNet alone, as in the paper."""
-    return _udrnet_field(fixed, moving, options.weights)
+    return _network_field(fixed, moving, options.weights)
 
 
 def udrnet_pipeline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """``lungudrnet register`` with its defaults: lung masks, affine, network, instance optimisation, the
     most similar stage kept."""
-    return _udrnet_field(fixed, moving, options.weights, pipeline=True, fast=False)
+    return _network_field(fixed, moving, options.weights, pipeline=True, fast=False)
 
 
 def udrnet_pipeline_fast(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """``lungudrnet register --fast``: as :func:`udrnet_pipeline` without instance optimisation."""
-    return _udrnet_field(fixed, moving, options.weights, pipeline=True)
+    return _network_field(fixed, moving, options.weights, pipeline=True)
 
 
 def udrnet_pipeline_2x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """:func:`udrnet_pipeline` with twice the instance optimisation iterations (the accuracy-time curve)."""
-    return _udrnet_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=2)
+    return _network_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=2)
 
 
 def udrnet_pipeline_4x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """:func:`udrnet_pipeline` with four times the instance optimisation iterations."""
-    return _udrnet_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=4)
+    return _network_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=4)
 
 
 def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """Our own VoxelMorph baseline: ``UDRNet(attention=False)`` through the same pipeline."""
-    return _udrnet_field(fixed, moving, options.baseline_weights, attention=False)
-
-
-def _comparison_model(name: str, options: Options) -> tuple:
-    """Network ``name`` from its checkpoint in ``options.comparison_weights``; without one, untrained (seed 0)
-    at the widths and on the preprocessing of the bundled weights (runtime and memory are valid, accuracy is not)."""
-    if name in options.comparison_weights:
-        return load_model(options.comparison_weights[name])
-    bundled, preprocess, info = _udrnet_model(None)
-    widths = bundled.config
-    torch.manual_seed(0)
-    network = network_from_config(config_for(name, widths.encoder_channels, widths.bottleneck_channels,
-                                             widths.decoder_channels).to_dict())
-    return network.eval(), preprocess, {**info, "trained": False}
+    return _network_field(fixed, moving, options.baseline_weights, "voxelmorph")
 
 
 def attunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """The paper's 3D AttUNet (``lungudrnet train --model attunet``), the network alone like :func:`udrnet`."""
-    return _network_field(fixed, moving, _comparison_model("attunet", options))
+    return _network_field(fixed, moving, options.comparison_weights.get("attunet"), "attunet")
 
 
 def resunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """The paper's 3D ResUNet, the network alone."""
-    return _network_field(fixed, moving, _comparison_model("resunet", options))
+    return _network_field(fixed, moving, options.comparison_weights.get("resunet"), "resunet")
 
 
 def transunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     """The paper's 3D TransUNet, the network alone."""
-    return _network_field(fixed, moving, _comparison_model("transunet", options))
+    return _network_field(fixed, moving, options.comparison_weights.get("transunet"), "transunet")
 
 
 def voxelmorph_package(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
@@ -186,7 +174,7 @@ def voxelmorph_package(fixed: sitk.Image, moving: sitk.Image, options: Options) 
         network.load_state_dict(state["state_dict"])
         preprocess = PreprocessConfig.from_dict(state["preprocess_config"])
     else:
-        network, (_, preprocess, _) = VoxelMorphNet(), _udrnet_model(options.weights)
+        network, (_, preprocess, _) = VoxelMorphNet(), _network_model(options.weights)
     grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess)
     flow = predict_flow(network.eval(), fixed01, moving01, torch.device("cpu"))
     return flow_to_fixed_field(flow, grid, fixed)

@@ -64,8 +64,7 @@ METRICS = (
     ("folding_percent", "Folded (%)", 3),
 )
 STATES = ("before", "after")
-HIGHER_IS_BETTER = {"one_minus_mse_percent", "ncc_percent", "dice_percent"}
-LOWER_IS_BETTER = {"tre_keypoints_mm", "tre_landmarks_mm", "tre_points_mm", "sdlogj", "folding_percent"}
+HIGHER_IS_BETTER = {"one_minus_mse_percent", "ncc_percent", "dice_percent"}  # the other METRICS: lower is better
 REPORT_FILE = "evaluation.md"
 TOP = 5  # pairs of the paper's Table 2
 # The paper's 1-MSE, NCC and Dice (%) per model: (Table 1, the mean over its validation pairs; Table 2, over
@@ -123,7 +122,7 @@ def best_pairs_mean(rows: list[dict], count: int = TOP) -> dict[str, float]:
     means = {}
     for key, values in _columns_of(rows).items():
         metric = key.partition("_")[2]
-        if metric in HIGHER_IS_BETTER or metric in LOWER_IS_BETTER:
+        if metric in {m[0] for m in METRICS}:
             ordered = np.sort(values)
             means[key] = float((ordered[::-1] if metric in HIGHER_IS_BETTER else ordered)[:count].mean())
     return means
