@@ -75,6 +75,33 @@ def test_known_field_reaches_the_canonical_grid_as_voxels_in_network_axis_order(
     assert float(without["true_flow"].abs().max()) == 0.0
 
 
+def test_spacing_jitter_resamples_each_item_at_its_own_drawn_spacing(toy, tmp_path):
+    """Scale augmentation: the grid keeps its shape, the spacing of each item and epoch is drawn within
+    [8 / 1.5, 8 * 1.5] mm, and the known field (mm) reaches the grid in voxels of that spacing."""
+    splits = load_pairs_csv(pairs_csv(toy, tmp_path))
+    config = PreprocessConfig(grid_shape=(16, 16, 16), grid_mode="canonical", grid_spacing_mm=8.0)
+    items = PairDataset(splits["train"], config, truth=True, spacing_jitter=0.5, seed=3)
+    spacings = []
+    for epoch in (0, 1):
+        items.set_epoch(epoch)
+        for index in range(len(items)):
+            spacing = items.item_preprocess(index).grid_spacing_mm
+            item = items[index]
+            assert tuple(item["fixed"].shape) == (1, 16, 16, 16)
+            np.testing.assert_allclose(item["true_flow"].mean(dim=(1, 2, 3)).numpy(),
+                                       np.array(CONSTANT_MM[::-1]) / spacing, atol=1e-5)
+            spacings.append(spacing)
+    assert all(8.0 / 1.5 <= spacing <= 8.0 * 1.5 for spacing in spacings)
+    assert len(set(np.round(spacings, 6))) == len(spacings)  # a new draw per item and epoch
+    items.set_epoch(0)
+    assert items.item_preprocess(0).grid_spacing_mm == spacings[0]  # reproducible
+    assert PairDataset(splits["train"], config).item_preprocess(0).grid_spacing_mm == 8.0
+    with pytest.raises(ValueError, match="canonical"):
+        PairDataset(splits["train"], PreprocessConfig(grid_shape=(16, 16, 16), grid_mode="fit"), spacing_jitter=0.5)
+    with pytest.raises(InputError, match="spacing_jitter"):
+        resolve_config("smoke", overrides={"spacing_jitter": 0.5})
+
+
 def test_supervision_pulls_the_predicted_field_towards_the_known_one(toy, tmp_path):
     """Truth = no motion on pairs that do move: a strong supervised term keeps the flow near zero."""
     pairs = pairs_csv(toy, tmp_path, vector_mm=(0.0, 0.0, 0.0))

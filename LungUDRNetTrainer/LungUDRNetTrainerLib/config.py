@@ -53,6 +53,10 @@ class TrainConfig:
                                      "grid_spacing_mm centred on the lung box", GRID_MODES)
     grid_spacing_mm: float = _option(_PREPROCESS.grid_spacing_mm, "isotropic voxel size of grid_mode "
                                                                   "canonical (mm)")
+    spacing_jitter: float = _option(0.0, "grid_mode canonical: each training pair and epoch is resampled at "
+                                         "grid_spacing_mm times a factor drawn log-uniformly in [1/(1+j), 1+j], "
+                                         "so that the lungs appear at many sizes (validation at grid_spacing_mm); "
+                                         "0 = off")
     window_level: float = _option(_PREPROCESS.window_level, "CT window level (HU)")
     window_width: float = _option(_PREPROCESS.window_width, "CT window width (HU)")
     roi_margin_mm: float = _option(_PREPROCESS.roi_margin_mm, "margin around the fixed lung mask for "
@@ -230,9 +234,12 @@ def validated(config: TrainConfig) -> TrainConfig:
     for name in ("epochs", "batch_size", "learning_rate"):
         if getattr(config, name) <= 0:
             raise InputError(f"config {name}: must be positive, not {getattr(config, name)}")
-    for name in ("micro_batch_size", "patience", "num_workers", "augment_pairs", "supervised_weight"):
+    for name in ("micro_batch_size", "patience", "num_workers", "augment_pairs", "supervised_weight",
+                 "spacing_jitter"):
         if getattr(config, name) < 0:
             raise InputError(f"config {name}: must not be negative, not {getattr(config, name)}")
+    if config.spacing_jitter and config.grid_mode != "canonical":
+        raise InputError(f"config spacing_jitter: needs grid_mode canonical, not {config.grid_mode!r}")
     return config
 
 

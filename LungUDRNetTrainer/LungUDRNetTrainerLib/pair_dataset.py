@@ -13,9 +13,16 @@ Augmentation (``extra_pairs`` > 0): each real pair also yields ``extra_pairs``
 synthetic ones whose moving image is the fixed image warped by a random smooth
 field; the field depends only on (seed, epoch, index), so a run is
 reproducible with any number of loader workers and after ``--resume``.
+
+Scale augmentation (``spacing_jitter`` > 0, grid mode "canonical"): each
+training item is resampled at the grid spacing times a factor drawn
+log-uniformly in [1 / (1 + jitter), 1 + jitter], again from (seed, epoch,
+index), so that the lungs of one patient appear at many sizes in grid voxels.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,8 +54,12 @@ class PairDataset(Dataset):
     [3, D, H, W] (network-grid voxels) and ``has_truth``."""
 
     def __init__(self, pairs: list[PairRecord], preprocess: PreprocessConfig, masks: bool = False,
-                 extra_pairs: int = 0, amplitude: float = 4.0, seed: int = 0, truth: bool = False) -> None:
+                 extra_pairs: int = 0, amplitude: float = 4.0, seed: int = 0, truth: bool = False,
+                 spacing_jitter: float = 0.0) -> None:
+        if spacing_jitter and preprocess.grid_mode != "canonical":
+            raise ValueError(f"spacing jitter needs grid mode 'canonical', not {preprocess.grid_mode!r}")
         self.pairs = pairs
+        self.spacing_jitter = spacing_jitter
         self.preprocess = preprocess
         self.masks = masks
         self.truth = truth
@@ -66,7 +77,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pair = self.pairs[index % len(self.pairs)]
-        item = self._load(pair)
+        item = self._load(pair, self.item_preprocess(index))
         if index >= len(self.pairs):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             flow = random_smooth_flow(tuple(item["fixed"].shape[1:]), self.amplitude, rng)
@@ -77,11 +88,20 @@ class PairDataset(Dataset):
                 item["moving_mask"] = warp(item["fixed_mask"][None], flow, mode="nearest")[0]
         return item
 
-    def _load(self, pair: PairRecord) -> dict[str, torch.Tensor]:
+    def item_preprocess(self, index: int) -> PreprocessConfig:
+        """The preprocessing of item ``index`` in this epoch: the run's, at a jittered grid spacing when
+        ``spacing_jitter`` is on."""
+        if not self.spacing_jitter:
+            return self.preprocess
+        bound = np.log1p(self.spacing_jitter)
+        factor = float(np.exp(np.random.default_rng([self.seed, self.epoch, index, 1]).uniform(-bound, bound)))
+        return replace(self.preprocess, grid_spacing_mm=self.preprocess.grid_spacing_mm * factor)
+
+    def _load(self, pair: PairRecord, preprocess: PreprocessConfig) -> dict[str, torch.Tensor]:
         fixed = read_image(pair.fixed, f"pair {pair.name}: fixed image")
         moving = read_image(pair.moving, f"pair {pair.name}: moving image")
         fixed_mask = read_mask(pair.fixed_mask, fixed, f"pair {pair.name}: fixed mask") if pair.fixed_mask else None
-        grid, fixed01, moving01 = prepare_pair(fixed, moving, self.preprocess, roi_mask=fixed_mask)
+        grid, fixed01, moving01 = prepare_pair(fixed, moving, preprocess, roi_mask=fixed_mask)
         item = {"fixed": torch.from_numpy(fixed01)[None], "moving": torch.from_numpy(moving01)[None]}
         if self.masks:
             has_masks = pair.fixed_mask is not None and pair.moving_mask is not None

@@ -180,7 +180,7 @@ class Trainer:
         self.preprocess = config.preprocess_config()
         self.train_set = PairDataset(splits["train"], self.preprocess, extra_pairs=config.augment_pairs,
                                      amplitude=config.augment_amplitude, seed=config.seed,
-                                     truth=config.supervised_weight > 0)
+                                     truth=config.supervised_weight > 0, spacing_jitter=config.spacing_jitter)
         self.val_set = PairDataset(splits["val"], self.preprocess, masks=True, truth=config.supervised_weight > 0)
         self.micro_batch, self.accumulation = batch_plan(config, context.world_size)
         log.info("%d training pairs (+%d synthetic per epoch), %d validation pairs; %d pairs per step = "
