@@ -98,8 +98,8 @@ def add_register_parser(subparsers) -> None:
                              "the fixed image's own grid, for tools that need it there (12 bytes per fixed voxel)")
     parser.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine pre-alignment (the network alone, as in the paper); by default the "
-                             "result keeps whichever of identity, affine, network and affine + network is most "
-                             "similar in the lungs")
+                             "result keeps each stage (affine, the network run from the better of identity and "
+                             "affine, instance optimisation) only if it raises the similarity in the lungs")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files (with --pairs: "
                                                                  "redo every pair)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",

@@ -3,10 +3,11 @@
 Stages: images (any geometry) -> lung masks (given, else automatic:
 :mod:`.lung_mask`) -> affine pre-alignment (:mod:`.affine`) -> network grid
 (:mod:`.preprocess`) -> UDRNet voxel flow -> instance optimisation on MIND-SSC
-features (:mod:`.instance_optimisation`; skipped with ``fast``) -> the stage to keep (:mod:`.stage_choice`: never worse than
-doing nothing) -> LPS mm field, composed with the affine, on its native grid
-and on the fixed image's own grid (:mod:`.geometry`) -> warped moving image
-and transform.
+features (:mod:`.instance_optimisation`; skipped with ``fast``) -> LPS mm
+field, composed with the affine, on its native grid and on the fixed image's
+own grid (:mod:`.geometry`) -> warped moving image and transform. After each
+stage the result most similar in the lungs is kept (:mod:`.stage_choice`:
+never worse than doing nothing), and the next stage starts from it.
 """
 
 from __future__ import annotations
@@ -286,6 +287,12 @@ def _candidate(branch: Branch, points: np.ndarray) -> Candidate:
     return Candidate(branch.name, moving01, mapped)
 
 
+def _after(kept: str, stage: str) -> str:
+    """The name of ``stage`` run from the result ``kept``: "network", "affine + network", "affine + network +
+    instance optimisation", ..."""
+    return stage if kept == "identity" and stage == "network" else f"{kept} + {stage}"
+
+
 def _choose(fixed_net: np.ndarray, fixed_lungs_net: np.ndarray | None, moving: sitk.Image, branches: list[Branch],
             candidates: list[Candidate], never_worse: bool) -> tuple[Branch, list[StageScore]]:
     """The branch with the best lung NCC on the network grid, later ones winning ties
@@ -425,27 +432,26 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     report(0.25, "resampling both images onto the network grid")
     step = time.perf_counter()
     grid, fixed_net, moving_net = prepare_pair(fixed_image, moving_image, config, fixed_lungs)
-    branches = [Branch("identity", None, grid, moving_net), Branch("network", None, grid, moving_net)]
+    branches = [Branch("identity", None, grid, moving_net)]
     if affine_transform is not None:
         aligned_net = normalise_ct(to_grid(moving_image, grid, transform=affine_transform), config)
-        branches[1:1] = [Branch("affine", affine_transform, grid, aligned_net)]
-        branches.append(Branch("affine + network", affine_transform, grid, aligned_net))
+        branches.append(Branch("affine", affine_transform, grid, aligned_net))
+    fixed_lungs_net = None if fixed_lungs is None else to_grid(fixed_lungs, grid, sitk.sitkNearestNeighbor) > 0
+    points = grid_points(grid)
+    candidates = [_candidate(branch, points) for branch in branches]
+    kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
     timings["preprocess"] = time.perf_counter() - step
 
     report(0.3, f"running the network on {target.type}")
     step = time.perf_counter()
-    for branch in branches:
-        if branch.name.endswith("network"):
-            branch.flow = predict_flow(net, fixed_net, branch.moving_net, target)
-            target = next(net.parameters()).device  # the CPU if predict_flow fell back to it
-    used = target
+    network = Branch(_after(kept.name, "network"), kept.transform, grid, kept.moving_net,
+                     predict_flow(net, fixed_net, kept.moving_net, target))  # from the stage kept so far
+    used = next(net.parameters()).device  # the CPU if predict_flow fell back to it
     timings["network"] = time.perf_counter() - step
 
     report(0.45, "keeping the stages that raise the lung similarity")
     step = time.perf_counter()
-    fixed_lungs_net = None if fixed_lungs is None else to_grid(fixed_lungs, grid, sitk.sitkNearestNeighbor) > 0
-    points = grid_points(grid)
-    candidates = [_candidate(branch, points) for branch in branches]
+    branches, candidates = [*branches, network], [*candidates, _candidate(network, points)]
     kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
     timings["choice"] = time.perf_counter() - step
 
@@ -457,7 +463,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         start_flow = kept.flow if kept.flow is not None else np.zeros((3, *grid.GetSize()[::-1]), np.float32)
         result = optimise(start_flow, grid, fixed_image, moving_image, config, optimisation,
                           kept.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs))
-        optimised = Branch(f"{kept.name} + {OPTIMISED}", kept.transform, grid, kept.moving_net,
+        optimised = Branch(_after(kept.name, OPTIMISED), kept.transform, grid, kept.moving_net,
                            flow_on_grid(result.flow, result.grid, grid))
         if result.folded_percent > max(MAX_FOLDED_PERCENT, result.start_folded_percent):
             log.warning("instance optimisation folded %.2f%% of its grid (more than %g%% and than the %.2f%% of "
