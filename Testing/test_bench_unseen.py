@@ -32,6 +32,7 @@ def test_unseen_pairs_have_thick_slices_no_masks_and_a_stored_otherwise_twin(uns
     assert (base.name, twin.name) == ("unseen_test_setup", "unseen_test_setup_flipped")
     assert base.fixed.GetSpacing()[2] == pytest.approx(5.0) and base.moving.GetSpacing()[2] == pytest.approx(5.0)
     assert base.fixed_mask is None and base.moving_mask is None
+    assert base.fixed.GetPixelID() == base.moving.GetPixelID() == sitk.sitkInt16  # stored as scanners store CT
     moved = np.linalg.norm(base.moving_points - base.fixed_points, axis=1)
     assert moved.mean() > 10.0  # breathing plus a 24 mm set-up shift
     np.testing.assert_array_equal(twin.fixed_points, base.fixed_points)

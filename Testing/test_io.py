@@ -26,6 +26,18 @@ def test_image_round_trip_keeps_geometry(oblique_grid, tmp_path, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [f"ct{suffix}"]  # no temporary file left
 
 
+def test_rounded_to_integer_rounds_clips_and_keeps_geometry(oblique_grid):
+    values = np.array([-40000.4, -1000.6, -0.4, 0.5, 1.5, 2.49, 40000.0], dtype=np.float32)
+    image = sitk.GetImageFromArray(np.resize(values, oblique_grid.GetSize()[::-1]).astype(np.float32))
+    image.CopyInformation(oblique_grid)
+    rounded = io.rounded_to_integer(image, np.int16)
+    assert rounded.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(rounded).ravel()[:7],
+                                  [-32768, -1001, 0, 0, 2, 2, 32767])  # halves to even, as numpy rounds
+    assert (rounded.GetOrigin(), rounded.GetSpacing(), rounded.GetDirection()) == (
+        image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+
+
 def test_nifti_field_has_displacement_intent_and_ras_vectors(oblique_grid, tmp_path):
     field = analytic_field(oblique_grid)
     path = io.write_displacement_field(field, tmp_path / "u.nii.gz")

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LungUDRNetLib.geometry import index_to_points, transform_points
-from LungUDRNetLib.io import read_image, read_points, write_image
+from LungUDRNetLib.io import read_image, read_points, rounded_to_integer, write_image
 from LungUDRNetLib.phantom import chest_phantom, make_grid
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,16 @@ class BenchPair:
 def write_pair(folder: Path, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
                moving_mask: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
                moving_points: np.ndarray | None = None) -> Path:
-    """Store one pair in ``folder`` (created); points are (N, 3) LPS mm."""
+    """Store one pair in ``folder`` (created); points are (N, 3) LPS mm. The scans are stored as scanners
+    store CT, int16 HU (rounded), so every method reads and writes files of the size users have."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, image in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask), ("moving", moving)):
+    for name, image in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask),
+                        ("moving", rounded_to_integer(moving, np.int16))):
         if image is not None:
             write_image(image, folder / f"{name}.mha")
     if fixed_points is not None and moving_points is not None:
         np.savez(folder / "points.npz", fixed=fixed_points, moving=moving_points)
-    write_image(fixed, folder / "fixed.mha")  # written last: its presence marks a complete pair
+    write_image(rounded_to_integer(fixed, np.int16), folder / "fixed.mha")  # last: it marks a complete pair
     return folder
 
 

@@ -236,6 +236,16 @@ def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
         yield temporary
 
 
+def rounded_to_integer(image: sitk.Image, dtype) -> sitk.Image:
+    """``image`` rounded to the nearest integer and clipped to the range of the integer ``dtype`` (e.g.
+    ``np.int16``, as CT is stored), same geometry."""
+    limits = np.iinfo(dtype)
+    values = np.rint(sitk.GetArrayViewFromImage(image))  # a new array: the view is not written to
+    result = sitk.GetImageFromArray(np.clip(values, limits.min, limits.max, out=values).astype(dtype))
+    result.CopyInformation(image)
+    return result
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write a scalar image atomically (format from the file extension), compressed."""
     with atomic_path(path, overwrite) as temporary:

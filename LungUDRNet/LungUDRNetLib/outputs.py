@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import OutputError
@@ -80,8 +80,10 @@ def write_result(result: RegistrationResult, report: dict | Future | None, out_d
         with output_lock(out_dir):
             check_output_dir(out_dir, [], overwrite, names)  # again: another run may have finished meanwhile
             with atomic_paths(list(paths.values())) as (warped, displacement, *metrics):
-                save_image(result.warped, warped)
-                save_displacement_field(field, displacement)
+                with ThreadPoolExecutor(max_workers=1) as pool:  # both writers release the GIL while compressing
+                    field_written = pool.submit(save_displacement_field, field, displacement)
+                    save_image(result.warped, warped)
+                    field_written.result()
                 if metrics:
                     save_json(report.result() if isinstance(report, Future) else report, metrics[0])
     except BaseException:

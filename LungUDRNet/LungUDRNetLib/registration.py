@@ -30,7 +30,7 @@ from .errors import DeviceError, InputError, ModelError, ResourceError
 from .geometry import (affine_points, bounds_overlap, compose_affine, describe_bounds, field_to_transform,
                        flow_on_grid, resample_field, voxel_flow_to_field, warp_image)
 from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, optimise
-from .io import ImageHeader, check_scalar_3d, read_image, read_image_header
+from .io import ImageHeader, check_scalar_3d, read_image, read_image_header, rounded_to_integer
 from .lung_mask import lung_mask
 from .memory import check_memory, registration_bytes
 from .model import RegistrationUNet
@@ -206,13 +206,7 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """A float image in ``reference``'s integer pixel type (rounded and clipped to the type's range), so a
     warped int16 CT stays an int16 CT (half the size of float32 on disk); float references leave it as is."""
     dtype = sitk.GetArrayViewFromImage(reference).dtype
-    if not np.issubdtype(dtype, np.integer):
-        return image
-    limits = np.iinfo(dtype)
-    values = np.rint(sitk.GetArrayViewFromImage(image))
-    result = sitk.GetImageFromArray(np.clip(values, limits.min, limits.max, out=values).astype(dtype))
-    result.CopyInformation(image)
-    return result
+    return rounded_to_integer(image, dtype) if np.issubdtype(dtype, np.integer) else image
 
 
 def _apart_message(fixed: sitk.Image, moving: sitk.Image) -> str | None:
