@@ -172,11 +172,16 @@ def read_mask(path: str | os.PathLike, image: sitk.Image, what: str) -> sitk.Ima
 
 def _bounding_box(mask: sitk.Image, reference: sitk.Image, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Index-space box (start, size) of ``mask`` on ``reference``'s grid, widened by ``margin_mm``."""
-    on_reference = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    nonzero = np.argwhere(sitk.GetArrayViewFromImage(on_reference) > 0)[:, ::-1]  # (i, j, k)
+    if not same_geometry(mask, reference):
+        mask = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    inside = sitk.GetArrayViewFromImage(mask) > 0
+    # the occupied indices along each axis (i, j, k), from the mask projected onto that axis
+    occupied = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
+    if not all(len(indices) for indices in occupied):
+        raise ValueError("the mask has no voxel on the reference grid")
     margin = np.ceil(margin_mm / np.asarray(reference.GetSpacing())).astype(int)
-    start = np.maximum(nonzero.min(axis=0) - margin, 0)
-    stop = np.minimum(nonzero.max(axis=0) + margin + 1, reference.GetSize())
+    start = np.maximum([indices[0] for indices in occupied] - margin, 0)
+    stop = np.minimum([indices[-1] for indices in occupied] + margin + 1, reference.GetSize())
     return start, stop - start
 
 
