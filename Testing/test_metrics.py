@@ -25,6 +25,9 @@ def test_mse_and_ncc_hand_cases():
     expected = (-2.5 * 0.75 + 1.5 * 0.25 - 0.5 * 0.25 - 3.5 * 0.25) / np.sqrt(21.0 * 0.75)
     assert metrics.ncc(x, y) == pytest.approx(expected)
     assert metrics.ncc(x, np.ones(4)) == 0.0
+    mask = np.array([True, True, False, True])
+    assert metrics.mse_and_ncc(x, y, mask) == (metrics.mse(x, y, mask), metrics.ncc(x, y, mask))
+    assert metrics.mse_and_ncc(x, y, mask)[0] == pytest.approx((0.0 + 4.0 + 49.0) / 3)
 
 
 def test_tre_in_millimetres():

@@ -40,14 +40,28 @@ def _sums(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None) -> np.
 def mse(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Eq. 6: mean squared difference over all voxels, or those where ``mask`` is True (NaN if none)
     (on [0, 1]-normalised images, 1 - MSE is the paper's score)."""
-    count, _, _, ff, ww, fw = _sums(fixed, warped, mask)
-    return float(max(ff + ww - 2.0 * fw, 0.0) / count) if count else float("nan")
+    return _mse_of(_sums(fixed, warped, mask))
 
 
 def ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Eq. 7: global normalised cross-correlation in [-1, 1] over all voxels, or those where ``mask``
     is True (0 if either image is constant there, NaN if there are none)."""
-    count, sum_f, sum_w, ff, ww, fw = _sums(fixed, warped, mask)
+    return _ncc_of(_sums(fixed, warped, mask))
+
+
+def mse_and_ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
+    """:func:`mse` and :func:`ncc` together, from one pass over the voxels."""
+    sums = _sums(fixed, warped, mask)
+    return _mse_of(sums), _ncc_of(sums)
+
+
+def _mse_of(sums: np.ndarray) -> float:
+    count, _, _, ff, ww, fw = sums
+    return float(max(ff + ww - 2.0 * fw, 0.0) / count) if count else float("nan")
+
+
+def _ncc_of(sums: np.ndarray) -> float:
+    count, sum_f, sum_w, ff, ww, fw = sums
     if not count:
         return float("nan")
     cross, var_f, var_w = fw - sum_f * sum_w / count, ff - sum_f ** 2 / count, ww - sum_w ** 2 / count

@@ -61,8 +61,8 @@ def _similarity(fixed: np.ndarray, other: np.ndarray, region: np.ndarray, prefix
     """1-MSE and NCC (%) over the voxels of ``region``; None when it is empty."""
     if not region.any():
         return {f"{prefix}one_minus_mse_percent": None, f"{prefix}ncc_percent": None}
-    return {f"{prefix}one_minus_mse_percent": 100.0 * (1.0 - metrics.mse(fixed, other, region)),
-            f"{prefix}ncc_percent": 100.0 * metrics.ncc(fixed, other, region)}
+    mse, ncc = metrics.mse_and_ncc(fixed, other, region)
+    return {f"{prefix}one_minus_mse_percent": 100.0 * (1.0 - mse), f"{prefix}ncc_percent": 100.0 * ncc}
 
 
 def registration_report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult,
@@ -114,7 +114,7 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     if fixed_mask is not None and moving_mask is not None:
         fixed_array = sitk.GetArrayViewFromImage(fixed_mask)
         moved_before = _on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
-        moved_after = warp_image(moving_mask, result.displacement, sitk.sitkNearestNeighbor, 0)
+        moved_after = warp_image(moving_mask, result.displacement, sitk.sitkNearestNeighbor, 0, result.transform)
         report["before"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(moved_before))
         report["after"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(moved_after))
     if fixed_points is not None and moving_points is not None:

@@ -362,8 +362,9 @@ class Trainer:
             warped_masks = warp(batch["moving_mask"].to(flow.device), flow, mode="nearest").cpu().numpy()
             for i in range(count):
                 fixed, moved = batch["fixed"][i, 0].numpy(), warped[i, 0].cpu().numpy()
-                sums["ncc"] += metrics.ncc(fixed, moved)
-                sums["mse"] += metrics.mse(fixed, moved)
+                mse, ncc = metrics.mse_and_ncc(fixed, moved)
+                sums["ncc"] += ncc
+                sums["mse"] += mse
                 if batch["has_masks"][i]:
                     sums["masks"] += 1
                     sums["dice"] += metrics.dice(batch["fixed_mask"][i, 0].numpy(), warped_masks[i, 0])
