@@ -186,13 +186,21 @@ def test_the_bundled_weights_carry_their_settings():
     assert optimisation_for(info).iterations > 0
 
 
-def test_a_field_that_folds_more_than_its_start_is_not_used(caplog):
+def test_instance_optimisation_keeps_the_last_step_that_does_not_fold(caplog):
     fixed, moving, _ = _breathing_pair(shift_mm=6.0)
     model = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))
     loose = InstanceOptimisationConfig(iterations=6, smoothness_weight=1e-4, grid_spacing_mm=2.0)  # barely regularised
     grid = network_grid(fixed, model[1])
-    folding = optimise(np.zeros((3, 32, 32, 32), np.float32), grid, fixed, moving, model[1], loose)
-    assert folding.folded_percent > 0.1 and folding.start_folded_percent == 0.0
+    start = np.zeros((3, 32, 32, 32), np.float32)
+    free = optimise(start, grid, fixed, moving, model[1], loose)
+    assert free.steps == 6 and free.folded_percent > 0.1 and free.start_folded_percent == 0.0
+    guarded = optimise(start, grid, fixed, moving, model[1], loose, max_folded_percent=0.1)
+    assert guarded.steps < 6 and guarded.folded_percent <= 0.1 and guarded.dropped_folded_percent == free.folded_percent
+    later = [optimise(start, grid, fixed, moving, model[1], dataclasses.replace(loose, iterations=steps))
+             for steps in range(guarded.steps, 6)]
+    np.testing.assert_array_equal(guarded.flow, later[0].flow)  # its steps, as a shorter run makes them
+    assert all(run.folded_percent > 0.1 for run in later[1:])  # and no later step folds less
     result = register(fixed, moving, model=model, device="cpu", affine=False, optimisation=loose)
-    assert result.kept_stage in ("identity", "network")  # the untrained network's field is about the identity
-    assert any("instance optimisation folded" in record.getMessage() for record in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("instance optimisation: its field after 6 steps folded") for message in messages)
+    assert result.metrics(fixed, moving)["jacobian"]["folding_percent"] <= 0.1

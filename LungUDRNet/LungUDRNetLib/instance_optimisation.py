@@ -88,13 +88,16 @@ class InstanceOptimisationConfig:
 
 @dataclass
 class OptimisedField:
-    """The result: a voxel flow [3, D, H, W] on ``grid`` and its share of folded cells (det J <= 0, %), and that
-    of the field it started from on the same grid."""
+    """The result: a voxel flow [3, D, H, W] on ``grid`` after ``steps`` Gauss-Newton steps, its share of folded
+    cells (det J <= 0, %), that of the field it started from on the same grid, and that of the last step when
+    it was left out for folding too much (else None)."""
 
     flow: np.ndarray
     grid: sitk.Image
     folded_percent: float
     start_folded_percent: float
+    steps: int
+    dropped_folded_percent: float | None = None
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, pooling: int = 1) -> torch.Tensor:
@@ -226,13 +229,17 @@ def _times(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, moving: sitk.Image,
              preprocess: PreprocessConfig, config: InstanceOptimisationConfig,
              moving_transform: sitk.Transform | None = None,
-             device: torch.device = torch.device("cpu"), box: sitk.Image | None = None) -> OptimisedField:
+             device: torch.device = torch.device("cpu"), box: sitk.Image | None = None,
+             max_folded_percent: float | None = None) -> OptimisedField:
     """Fit the voxel flow ``start_flow`` [3, D, H, W] on ``start_grid`` to this pair (HU images).
 
     ``moving_transform`` (fixed LPS mm -> moving LPS mm, e.g. the affine
     pre-alignment) maps the moving image before the flow, as for the network;
     ``preprocess`` gives the CT window. The optimisation covers the box of the
-    image ``box`` (default: ``start_grid``'s). Returns the optimised flow on the
+    image ``box`` (default: ``start_grid``'s). With ``max_folded_percent``, the
+    result is the last step whose field folds no more than that share of the
+    grid (or than the start, if more), the start itself when none does; a step
+    may fold where a later one does not. Returns the optimised flow on the
     displacement grid (:func:`optimisation_grids`).
     """
     grid, feature_grid = optimisation_grids(start_grid if box is None else box, config)
@@ -240,7 +247,19 @@ def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, 
     moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
     start = torch.from_numpy(flow_on_grid(start_flow, start_grid, grid))[None].to(device)
     with torch.inference_mode():
+        start_folded = folded_percent(start)
+        limit = math.inf if max_folded_percent is None else max(max_folded_percent, start_folded)
         flow = start
         for _ in range(config.iterations):
             flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
-        return OptimisedField(flow[0].cpu().numpy(), grid, folded_percent(flow), folded_percent(start))
+        folded = folded_percent(flow)
+        if folded <= limit:
+            return OptimisedField(flow[0].cpu().numpy(), grid, folded, start_folded, config.iterations)
+        # rare: the last step folds too much. The steps are repeated (they are deterministic), each one measured
+        kept, kept_folded, steps, flow = start, start_folded, 0, start
+        for step in range(1, config.iterations):
+            flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
+            step_folded = folded_percent(flow)
+            if step_folded <= limit:
+                kept, kept_folded, steps = flow, step_folded, step
+        return OptimisedField(kept[0].cpu().numpy(), grid, kept_folded, start_folded, steps, folded)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 OPTIMISED = "instance optimisation"  # the stage's name, after the stage it started from
-MAX_FOLDED_PERCENT = 0.1  # an optimised field folding more of its grid (and more than its start) is not used
+MAX_FOLDED_PERCENT = 0.1  # instance optimisation keeps the last step folding no more of its grid (or than its start)
 
 
 @dataclass
@@ -456,14 +456,16 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         # from the stage kept so far: a network field that lowered the similarity is not a start
         start_flow = kept.flow if kept.flow is not None else np.zeros((3, *grid.GetSize()[::-1]), np.float32)
         result = optimise(start_flow, grid, fixed_image, moving_image, config, optimisation,
-                          kept.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs))
+                          kept.transform, used, box=lung_box_grid(fixed_image, config, fixed_lungs),
+                          max_folded_percent=MAX_FOLDED_PERCENT)
         optimised = Branch(_after(kept.name, OPTIMISED), kept.transform, grid, kept.moving_net,
                            flow_on_grid(result.flow, result.grid, grid))
-        if result.folded_percent > max(MAX_FOLDED_PERCENT, result.start_folded_percent):
-            log.warning("instance optimisation folded %.2f%% of its grid (more than %g%% and than the %.2f%% of "
-                        "the field it started from); its field is not used", result.folded_percent,
-                        MAX_FOLDED_PERCENT, result.start_folded_percent)
-        else:
+        if result.steps < optimisation.iterations:
+            log.warning("instance optimisation: its field after %d steps folded %.2f%% of its grid (more than %g%% "
+                        "and than the %.2f%% of the field it started from); %s", optimisation.iterations,
+                        result.dropped_folded_percent, MAX_FOLDED_PERCENT, result.start_folded_percent,
+                        f"the field after step {result.steps} is used" if result.steps else "its field is not used")
+        if result.steps:
             kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, optimised],
                                    [*candidates, _candidate(optimised, points)], never_worse)
         if kept is optimised:
