@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LungUDRNetBench import data, unseen
+from LungUDRNetBench import data, tables, unseen
 from LungUDRNetBench.tables import group_of, markdown, summarise
 from LungUDRNetLib.io import write_displacement_field
 
@@ -71,3 +71,25 @@ def test_groups_are_summarised_apart():
     text = markdown(summary, {"cpu": "x"}, [])
     assert text.index("## standard pairs") < text.index("| m | 2 | 2.00") < text.index("## unseen pairs") \
         < text.index("| m | 1 | 7.00")
+
+
+def test_tre_vs_time_figure_has_a_log_panel_per_group_and_one_colour_per_method():
+    import matplotlib.pyplot as plt
+
+    summary = [{"group": group, "method": method, "tre_mean_mm": tre, "process_s": seconds}
+               for group, method, tre, seconds in (("standard", "identity", 6.5, 2.0), ("standard", "udrnet", 0.3, 8.0),
+                                                   ("unseen", "identity", 40.0, 2.1), ("unseen", "udrnet", 0.4, 7.0),
+                                                   ("unseen", "elastix", float("nan"), 70.0))]
+    figure = tables.tre_vs_time_figure(summary)
+    panels = figure.axes
+    assert [axes.get_title() for axes in panels] == ["standard pairs", "unseen pairs"]
+    assert all(axes.get_xscale() == axes.get_yscale() == "log" for axes in panels)
+    for axes, group in zip(panels, ("standard", "unseen")):
+        points = np.concatenate([collection.get_offsets() for collection in axes.collections])
+        expected = [(e["process_s"], e["tre_mean_mm"]) for e in summary if e["group"] == group
+                    and not np.isnan(e["tre_mean_mm"])]  # a method without a TRE is left out
+        np.testing.assert_allclose(points, expected)
+    colours = [{tuple(c.get_facecolor()[0]) for c in axes.collections} for axes in panels]
+    assert colours[0] == colours[1] and len(colours[0]) == 2  # a method has the same colour in both panels
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["identity", "udrnet"]
+    plt.close(figure)

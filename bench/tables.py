@@ -111,25 +111,44 @@ def markdown(summary: list[dict], machine: dict, notes: list[str]) -> str:
 
 
 def plot_tre_vs_time(summary: list[dict], path: Path) -> Path:
-    """Scatter of mean TRE (mm) against whole-process time (s, log scale), one labelled point per method."""
-    import matplotlib
-    matplotlib.use("Agg")
+    """Write :func:`tre_vs_time_figure` of ``summary`` as a PNG to ``path``."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    markers = {"standard": "o", "unseen": "^"}
-    for index, entry in enumerate(summary):
-        if math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["process_s"]):
-            continue
-        axes.scatter(entry["process_s"], entry["tre_mean_mm"], marker=markers.get(entry["group"], "s"))
-        label = entry["method"] + ("" if entry["group"] == "standard" else f" ({entry['group']})")
-        axes.annotate(label, (entry["process_s"], entry["tre_mean_mm"]), textcoords="offset points",
-                      xytext=(4, 4 - 12 * (index % 3)), fontsize=8)  # neighbours' labels on other lines
-    axes.set_xscale("log")
-    axes.set_xlabel("whole process per pair (s, process start to files written)")
-    axes.set_ylabel("mean TRE (mm)")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
+    figure = tre_vs_time_figure(summary)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def tre_vs_time_figure(summary: list[dict]):
+    """Mean TRE (mm) against whole-process time (s), both on log scales, one panel per group and one colour
+    per method (the same in every panel, named in the legend); a matplotlib figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    groups = list(dict.fromkeys(entry["group"] for entry in summary))
+    methods = list(dict.fromkeys(entry["method"] for entry in summary))
+    colours = {method: plt.cm.tab10(index % 10) for index, method in enumerate(methods)}
+    legend_inches = 1.8
+    figure, panels = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + legend_inches, 4.2), squeeze=False)
+    for axes, group in zip(panels[0], groups):
+        for entry in summary:
+            if entry["group"] == group and not (math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["process_s"])):
+                axes.scatter(entry["process_s"], entry["tre_mean_mm"], color=colours[entry["method"]], s=40,
+                             label=entry["method"], edgecolors="black", linewidths=0.4)
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        for axis in (axes.xaxis, axes.yaxis):
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_minor_formatter(NullFormatter())
+        axes.set_title(f"{group} pairs", fontsize=10)
+        axes.set_xlabel("whole process per pair (s)")
+        axes.grid(True, which="major", alpha=0.3)
+    panels[0][0].set_ylabel("mean TRE (mm)")
+    shown = {label: handle for axes in panels[0] for handle, label in zip(*axes.get_legend_handles_labels())}
+    figure.legend(shown.values(), shown.keys(), loc="center right", fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1 - legend_inches / figure.get_figwidth(), 1))
+    return figure
