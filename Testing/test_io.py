@@ -36,6 +36,9 @@ def test_rounded_to_integer_rounds_clips_and_keeps_geometry(oblique_grid):
                                   [-32768, -1001, 0, 0, 2, 2, 32767])  # halves to even, as numpy rounds
     assert (rounded.GetOrigin(), rounded.GetSpacing(), rounded.GetDirection()) == (
         image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    wide = sitk.GetImageFromArray(np.array([[[3e9, -3e9, np.nan, 1e9 + 0.6]]]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.rounded_to_integer(wide, np.int32)).ravel(),
+                                  [2147483647, -2147483648, 0, 1000000001])  # NaN: 0
 
 
 def test_nifti_field_has_displacement_intent_and_ras_vectors(oblique_grid, tmp_path):

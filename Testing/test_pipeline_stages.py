@@ -15,9 +15,9 @@ from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, untrained_model
 from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.geometry import transform_points
 from LungUDRNetLib.metrics import target_registration_error
-from LungUDRNetLib.registration import register
+from LungUDRNetLib.registration import Branch, _warn_if_dropped, register
 from LungUDRNetLib.report import registration_report, summary_line
-from LungUDRNetLib.stage_choice import Candidate, choose
+from LungUDRNetLib.stage_choice import Candidate, StageScore, choose
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,20 @@ def test_a_network_that_makes_things_worse_is_not_kept_and_the_user_is_told(brea
     report = registration_report(breathing_pair.fixed, breathing_pair.moving, result)
     assert report["stages"]["kept"] == "identity" and "kept the identity result" in summary_line(report)
     assert report["after"]["lung_ncc_percent"] == pytest.approx(report["before"]["lung_ncc_percent"], abs=0.05)
+
+
+def test_the_dropped_stages_warning_names_only_stages_that_were_scored(caplog):
+    grid = sitk.Image([4, 4, 4], sitk.sitkFloat32)
+    kept = Branch("affine + network", None, grid, None)
+    scores = [StageScore("identity", 40.0, True), StageScore("affine", 90.0, True),
+              StageScore("affine + network", 95.0, True)]
+    _warn_if_dropped(kept, scores, optimised=False)  # instance optimisation folded: its field was never scored
+    assert not caplog.records
+    _warn_if_dropped(Branch("affine", None, grid, None), [*scores[:2], StageScore("affine + network", 85.0, False)],
+                     optimised=False)
+    assert [record.getMessage() for record in caplog.records] == [
+        "kept the affine result (lung NCC 90.0%): affine + network 85.0% lowered the similarity in the lungs; "
+        "the network did not improve on it"]
 
 
 def test_choose_keeps_the_last_stage_that_is_at_least_as_good_as_every_earlier_one():

@@ -100,6 +100,9 @@ def test_spacing_jitter_resamples_each_item_at_its_own_drawn_spacing(toy, tmp_pa
         PairDataset(splits["train"], PreprocessConfig(grid_shape=(16, 16, 16), grid_mode="fit"), spacing_jitter=0.5)
     with pytest.raises(InputError, match="spacing_jitter"):
         resolve_config("smoke", overrides={"spacing_jitter": 0.5})
+    with pytest.raises(InputError, match="spacing_jitter: must be a finite number"):
+        resolve_config("smoke", overrides={"spacing_jitter": float("nan"), "grid_mode": "canonical",
+                                           "grid_spacing_mm": 8.0})
 
 
 def test_supervision_pulls_the_predicted_field_towards_the_known_one(toy, tmp_path):

@@ -92,17 +92,21 @@ class BenchPair:
 def write_pair(folder: Path, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
                moving_mask: sitk.Image | None = None, fixed_points: np.ndarray | None = None,
                moving_points: np.ndarray | None = None) -> Path:
-    """Store one pair in ``folder`` (created); points are (N, 3) LPS mm. The scans are stored as scanners
-    store CT, int16 HU (rounded), so every method reads and writes files of the size users have."""
+    """Store one pair in ``folder`` (created), images in their pixel types; points are (N, 3) LPS mm."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, image in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask),
-                        ("moving", rounded_to_integer(moving, np.int16))):
+    for name, image in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask), ("moving", moving)):
         if image is not None:
             write_image(image, folder / f"{name}.mha")
     if fixed_points is not None and moving_points is not None:
         np.savez(folder / "points.npz", fixed=fixed_points, moving=moving_points)
-    write_image(rounded_to_integer(fixed, np.int16), folder / "fixed.mha")  # last: it marks a complete pair
+    write_image(fixed, folder / "fixed.mha")  # written last: its presence marks a complete pair
     return folder
+
+
+def as_scanner_ct(image: sitk.Image) -> sitk.Image:
+    """A generated CT (float HU) as scanners store CT: int16 HU, rounded. The bench's generated pairs are
+    stored so, so that every method reads and writes files of the size users have."""
+    return rounded_to_integer(image, np.int16)
 
 
 def read_pair(folder: Path) -> BenchPair:
@@ -128,8 +132,8 @@ def _write_breathing_pair(folder: Path, pair, seed: int, minimum: int = MIN_LAND
         extra = index_to_points(lung[chosen].astype(float), pair.fixed_mask)
         fixed_points = np.concatenate([fixed_points.reshape(-1, 3), extra])
         moving_points = np.concatenate([moving_points.reshape(-1, 3), transform_points(extra, pair.displacement)])
-    return write_pair(folder, pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask,
-                      fixed_points, moving_points)
+    return write_pair(folder, as_scanner_ct(pair.fixed), as_scanner_ct(pair.moving), pair.fixed_mask,
+                      pair.moving_mask, fixed_points, moving_points)
 
 
 def _source_ct(name: str) -> tuple[sitk.Image, str]:
@@ -213,7 +217,8 @@ def unseen_pairs(cache: Path, elastix_folder: Path) -> list[Path]:
             setup = scan_variants.rigid_transform(spec.angles_deg, spec.shift_mm, body_centre(pair.moving))
             pair = scan_variants.with_setup_difference(pair, setup)
             fixed, moving = (scan_variants.thick_slices(image, spec.thickness_mm) for image in (pair.fixed, pair.moving))
-            write_pair(out, fixed, moving, fixed_points=pair.fixed_points, moving_points=pair.moving_points)
+            write_pair(out, as_scanner_ct(fixed), as_scanner_ct(moving), fixed_points=pair.fixed_points,
+                       moving_points=pair.moving_points)
         folders[spec.name] = out
     return list(folders.values())
 

@@ -128,14 +128,16 @@ def tre_vs_time_figure(summary: list[dict]):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    shown = [entry for entry in summary if not (math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["process_s"]))]
     groups = list(dict.fromkeys(entry["group"] for entry in summary))
-    methods = list(dict.fromkeys(entry["method"] for entry in summary))
-    colours = {method: plt.cm.tab10(index % 10) for index, method in enumerate(methods)}
+    methods = list(dict.fromkeys(entry["method"] for entry in shown))
+    palette = plt.cm.tab10 if len(methods) <= 10 else plt.cm.tab20  # one colour per method up to 20
+    colours = {method: palette(index % palette.N) for index, method in enumerate(methods)}
     legend_inches = 1.8
     figure, panels = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + legend_inches, 4.2), squeeze=False)
     for axes, group in zip(panels[0], groups):
-        for entry in summary:
-            if entry["group"] == group and not (math.isnan(entry["tre_mean_mm"]) or math.isnan(entry["process_s"])):
+        for entry in shown:
+            if entry["group"] == group:
                 axes.scatter(entry["process_s"], entry["tre_mean_mm"], color=colours[entry["method"]], s=40,
                              label=entry["method"], edgecolors="black", linewidths=0.4)
         axes.set_xscale("log")
@@ -148,7 +150,7 @@ def tre_vs_time_figure(summary: list[dict]):
         axes.set_xlabel("whole process per pair (s)")
         axes.grid(True, which="major", alpha=0.3)
     panels[0][0].set_ylabel("mean TRE (mm)")
-    shown = {label: handle for axes in panels[0] for handle, label in zip(*axes.get_legend_handles_labels())}
-    figure.legend(shown.values(), shown.keys(), loc="center right", fontsize=8, frameon=False)
+    handles = {label: handle for axes in panels[0] for handle, label in zip(*axes.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="center right", fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0, 1 - legend_inches / figure.get_figwidth(), 1))
     return figure

@@ -238,9 +238,11 @@ def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
 
 def rounded_to_integer(image: sitk.Image, dtype) -> sitk.Image:
     """``image`` rounded to the nearest integer and clipped to the range of the integer ``dtype`` (e.g.
-    ``np.int16``, as CT is stored), same geometry."""
+    ``np.int16``, as CT is stored; NaN becomes 0), same geometry."""
     limits = np.iinfo(dtype)
-    values = np.rint(sitk.GetArrayViewFromImage(image))  # a new array: the view is not written to
+    exact = np.float64 if limits.bits > 16 else np.float32  # holds every value of the type and its limits
+    values = np.rint(sitk.GetArrayViewFromImage(image).astype(exact, copy=False))  # a new array, not the view
+    np.nan_to_num(values, copy=False, nan=0.0)
     result = sitk.GetImageFromArray(np.clip(values, limits.min, limits.max, out=values).astype(dtype))
     result.CopyInformation(image)
     return result

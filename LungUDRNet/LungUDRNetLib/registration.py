@@ -432,9 +432,11 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         branches.append(Branch("affine", affine_transform, grid, aligned_net))
     fixed_lungs_net = None if fixed_lungs is None else to_grid(fixed_lungs, grid, sitk.sitkNearestNeighbor) > 0
     points = grid_points(grid)
+    timings["preprocess"] = time.perf_counter() - step
+    step = time.perf_counter()
     candidates = [_candidate(branch, points) for branch in branches]
     kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
-    timings["preprocess"] = time.perf_counter() - step
+    timings["choice"] = time.perf_counter() - step
 
     report(0.3, f"running the network on {target.type}")
     step = time.perf_counter()
@@ -447,9 +449,10 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     step = time.perf_counter()
     branches, candidates = [*branches, network], [*candidates, _candidate(network, points)]
     kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
-    timings["choice"] = time.perf_counter() - step
+    timings["choice"] += time.perf_counter() - step
 
     optimising = optimisation is not None and optimisation.iterations > 0
+    optimised_scored = False  # whether an optimised field was scored against the earlier stages
     if optimising:
         report(0.5, f"instance optimisation on this pair ({optimisation.iterations} iterations)")
         step = time.perf_counter()
@@ -466,6 +469,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
                         result.dropped_folded_percent, MAX_FOLDED_PERCENT, result.start_folded_percent,
                         f"the field after step {result.steps} is used" if result.steps else "its field is not used")
         if result.steps:
+            optimised_scored = True
             kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, optimised],
                                    [*candidates, _candidate(optimised, points)], never_worse)
         if kept is optimised:
@@ -475,7 +479,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         raise InputError(f"{apart}, and the affine pre-alignment could not align them (lungs not found in both, "
                          "or its result was not kept); pass lung masks, or check that both scans are of this patient")
     if never_worse:
-        _warn_if_dropped(kept, scores, optimised=optimising)
+        _warn_if_dropped(kept, scores, optimised=optimised_scored)
 
     report(0.7, "mapping the displacement field to the fixed image grid")
     step = time.perf_counter()

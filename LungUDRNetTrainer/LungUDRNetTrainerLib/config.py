@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -238,6 +239,8 @@ def validated(config: TrainConfig) -> TrainConfig:
                  "spacing_jitter"):
         if getattr(config, name) < 0:
             raise InputError(f"config {name}: must not be negative, not {getattr(config, name)}")
+    if not math.isfinite(config.spacing_jitter):
+        raise InputError(f"config spacing_jitter: must be a finite number, not {config.spacing_jitter}")
     if config.spacing_jitter and config.grid_mode != "canonical":
         raise InputError(f"config spacing_jitter: needs grid_mode canonical, not {config.grid_mode!r}")
     return config
