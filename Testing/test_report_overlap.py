@@ -17,7 +17,7 @@ from LungUDRNetLib.io import write_image
 from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig, normalise_ct
 from LungUDRNetLib.registration import RegistrationResult
-from LungUDRNetLib.report import registration_report, summary_line
+from LungUDRNetLib.report import on_fixed_grid, registration_report, summary_line
 
 SIZE = (40, 36, 32)
 MOVING_SLICES = 19  # the moving scan covers 19 of the fixed scan's 32 slices (59 %)
@@ -171,3 +171,19 @@ def test_cli_metrics_json_holds_the_overlap_and_lung_similarity(partial_pair, tm
     assert report["after"]["lung_ncc_percent"] == pytest.approx(report["before"]["lung_ncc_percent"], abs=0.5)
     printed = capsys.readouterr().out
     assert f"NCC in the lungs ({report['lung_overlap_percent']:.0f}% of them in both scans) " in printed
+
+
+def test_before_state_on_the_fixed_grid_is_the_resampled_image_and_skips_resampling_on_the_same_grid():
+    grid = make_grid((20, 18, 16), (2.0, 2.5, 3.0))
+    image = chest_phantom(grid, seed=1)
+    resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, image.GetPixelID())
+    same = on_fixed_grid(image, grid, sitk.sitkLinear)
+    assert same is image  # no copy
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(same), sitk.GetArrayViewFromImage(resampled), atol=1e-3)
+    shifted = sitk.Image(image)
+    shifted.SetOrigin(tuple(v + 1.0 for v in image.GetOrigin()))  # half a voxel or less along each axis
+    moved = on_fixed_grid(shifted, grid, sitk.sitkLinear)
+    assert moved is not shifted and moved.GetOrigin() == grid.GetOrigin()
+    expected = sitk.Resample(shifted, grid, sitk.Transform(), sitk.sitkLinear,
+                             float(sitk.GetArrayViewFromImage(shifted).min()), shifted.GetPixelID())
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(moved), sitk.GetArrayViewFromImage(expected))

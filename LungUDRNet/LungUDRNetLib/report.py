@@ -18,12 +18,15 @@ import SimpleITK as sitk
 
 from . import metrics
 from .geometry import field_to_voxel_flow, index_to_lps_matrix, transform_points, warp_image
-from .preprocess import normalise_ct
+from .preprocess import normalise_ct, same_geometry
 from .registration import RegistrationResult
 
 
-def _on_fixed_grid(image: sitk.Image, fixed: sitk.Image, interpolator: int) -> sitk.Image:
-    """``image`` resampled onto ``fixed``'s grid with no transform (the 'before' state)."""
+def on_fixed_grid(image: sitk.Image, fixed: sitk.Image, interpolator: int) -> sitk.Image:
+    """``image`` resampled onto ``fixed``'s grid with no transform (the 'before' state); ``image`` itself when
+    it is on that grid already (as the phases of a 4D CT are), where resampling would give its own voxels."""
+    if same_geometry(image, fixed):
+        return image
     outside = float(np.min(sitk.GetArrayViewFromImage(image)))
     return sitk.Resample(image, fixed, sitk.Transform(), interpolator, outside, image.GetPixelID())
 
@@ -92,7 +95,7 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     moving_mask = result.moving_mask if moving_mask is None else moving_mask
     preprocess = result.preprocess
     fixed_values = normalise_ct(sitk.GetArrayViewFromImage(fixed), preprocess)
-    before = normalise_ct(sitk.GetArrayFromImage(_on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
+    before = normalise_ct(sitk.GetArrayFromImage(on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
     after = normalise_ct(sitk.GetArrayViewFromImage(result.warped), preprocess)
     overlap = overlap_mask(fixed, moving, result.displacement)
     regions = {"": overlap}
@@ -113,7 +116,7 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     report["jacobian"] = metrics.jacobian_statistics(field_to_voxel_flow(field))
     if fixed_mask is not None and moving_mask is not None:
         fixed_array = sitk.GetArrayViewFromImage(fixed_mask)
-        moved_before = _on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
+        moved_before = on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
         moved_after = warp_image(moving_mask, result.displacement, sitk.sitkNearestNeighbor, 0, result.transform)
         report["before"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(moved_before))
         report["after"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(moved_after))
