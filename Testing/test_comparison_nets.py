@@ -218,12 +218,13 @@ def test_the_bench_runs_the_comparison_networks_it_has_weights_for(trained_trans
 def test_the_bench_peer_is_the_trained_network_alone(trained_transunet):
     toy, run, _ = trained_transunet
     fixed, moving = (read_image(toy / "imagesTr" / f"Toy_0006_000{i}.nii.gz") for i in (0, 1))
-    field = transunet(fixed, moving, Options(comparison_weights={"transunet": str(run / "best.pt")}))
+    field = transunet(fixed, moving, Options(comparison_weights={"transunet": str(run / "best.pt")})).displacement
     expected = register(fixed, moving, model=load_model(run), device="cpu", fast=True, affine=False,
                         never_worse=False)
     np.testing.assert_allclose(sitk.GetArrayFromImage(field), sitk.GetArrayFromImage(expected.displacement),
                                atol=1e-5)
-    untrained = transunet(fixed, moving, Options())  # no checkpoint of it: a fresh network, near-zero field
+    # no checkpoint of it: a fresh network, near-zero field
+    untrained = transunet(fixed, moving, Options()).displacement
     bundled_widths = load_model(None)[0].config.encoder_channels  # at the widths the udrnet row runs
     assert read_checkpoint(run / "best.pt")["model_config"]["encoder_channels"] != list(bundled_widths)
     assert np.abs(sitk.GetArrayFromImage(untrained)).max() < 0.01 < np.abs(sitk.GetArrayFromImage(field)).max()

@@ -87,6 +87,20 @@ def test_a_network_that_makes_things_worse_is_not_kept_and_the_user_is_told(brea
     assert report["after"]["lung_ncc_percent"] == pytest.approx(report["before"]["lung_ncc_percent"], abs=0.05)
 
 
+@pytest.mark.parametrize("kept, dropped", [("affine", "the later stages"),
+                                           ("affine + instance optimisation", "the network"),
+                                           ("affine + network + instance optimisation", None)])
+def test_the_summary_line_names_what_lowered_the_similarity(kept, dropped):
+    scores = {"ncc_percent": 50.0, "lung_ncc_percent": 60.0}
+    report = {"before": scores, "after": scores, "jacobian": {"folding_percent": 0.0}, "runtime_s": {"total": 4.0},
+              "device": "cpu", "stages": {"kept": kept}}
+    line = summary_line(report)
+    if dropped is None:
+        assert line.endswith("4.0 s on cpu")
+    else:
+        assert line.endswith(f"4.0 s on cpu; kept the {kept} result: {dropped} lowered the similarity in the lungs")
+
+
 def test_the_dropped_stages_warning_names_only_stages_that_were_scored(caplog):
     grid = sitk.Image([4, 4, 4], sitk.sitkFloat32)
     kept = Branch("affine + network", None, grid, None)

@@ -2,7 +2,9 @@
 
 Every method takes ``(fixed, moving, options)`` (HU images; the moving image
 may be on another grid) and returns the pull field u on the fixed grid in LPS
-mm: the fixed point p corresponds to the moving point p + u(p). Optional
+mm: the fixed point p corresponds to the moving point p + u(p); a method that
+warps the moving image itself, as ``lungudrnet register`` does, returns both
+(:class:`Registered`), and the harness does not warp it again. Optional
 packages (itk-elastix, antspyx, voxelmorph) are imported inside their method
 so that the others run without them. Thread counts are set by the runner
 (environment and :func:`set_threads`) before a method runs.
@@ -29,6 +31,14 @@ from LungUDRNetLib.registration import optimisation_for, predict_flow, register
 from LungUDRNetLib.voxelmorph_net import VoxelMorphNet, VoxelMorphNetConfig
 
 Field = sitk.Image
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A method's field (as above) with the warped moving image it made itself (on the fixed grid)."""
+
+    displacement: Field
+    warped: sitk.Image
 
 
 @dataclass(frozen=True)
@@ -97,9 +107,9 @@ def _network_model(path: str | None, name: str = "udrnet") -> tuple:
 
 
 def _network_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, name: str = "udrnet",
-                   pipeline: bool = False, fast: bool = True, iterations_factor: int = 1) -> Field:
-    """:func:`LungUDRNetLib.register`'s displacement on the fixed grid (the harness warps it itself) with
-    network ``name`` of checkpoint ``weights`` (:func:`_network_model`).
+                   pipeline: bool = False, fast: bool = True, iterations_factor: int = 1) -> Registered:
+    """:func:`LungUDRNetLib.register`'s displacement on the fixed grid and warped image, with network
+    ``name`` of checkpoint ``weights`` (:func:`_network_model`).
 
     ``pipeline=False``: the paper's method, the network as it is, without
     affine pre-alignment, instance optimisation or stage choice; True: the
@@ -112,51 +122,51 @@ def _network_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, n
         optimisation = replace(optimisation, iterations=optimisation.iterations * iterations_factor)
     result = register(fixed, moving, model=(model, preprocess, info), device="cpu", fast=fast,
                       optimisation=optimisation, affine=pipeline, never_worse=pipeline)
-    return result.displacement
+    return Registered(result.displacement, result.warped)
 
 
-def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def udrnet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """UDRNet alone, as in the paper."""
     return _network_field(fixed, moving, options.weights)
 
 
-def udrnet_pipeline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def udrnet_pipeline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """``lungudrnet register`` with its defaults: lung masks, affine, network, instance optimisation, the
     most similar stage kept."""
     return _network_field(fixed, moving, options.weights, pipeline=True, fast=False)
 
 
-def udrnet_pipeline_fast(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def udrnet_pipeline_fast(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """``lungudrnet register --fast``: as :func:`udrnet_pipeline` without instance optimisation."""
     return _network_field(fixed, moving, options.weights, pipeline=True)
 
 
-def udrnet_pipeline_2x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def udrnet_pipeline_2x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """:func:`udrnet_pipeline` with twice the instance optimisation iterations (the accuracy-time curve)."""
     return _network_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=2)
 
 
-def udrnet_pipeline_4x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def udrnet_pipeline_4x(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """:func:`udrnet_pipeline` with four times the instance optimisation iterations."""
     return _network_field(fixed, moving, options.weights, pipeline=True, fast=False, iterations_factor=4)
 
 
-def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def voxelmorph_baseline(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """Our own VoxelMorph baseline: ``UDRNet(attention=False)`` through the same pipeline."""
     return _network_field(fixed, moving, options.baseline_weights, "voxelmorph")
 
 
-def attunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def attunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """The paper's 3D AttUNet (``lungudrnet train --model attunet``), the network alone like :func:`udrnet`."""
     return _network_field(fixed, moving, options.comparison_weights.get("attunet"), "attunet")
 
 
-def resunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def resunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """The paper's 3D ResUNet, the network alone."""
     return _network_field(fixed, moving, options.comparison_weights.get("resunet"), "resunet")
 
 
-def transunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
+def transunet(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Registered:
     """The paper's 3D TransUNet, the network alone."""
     return _network_field(fixed, moving, options.comparison_weights.get("transunet"), "transunet")
 
@@ -299,7 +309,7 @@ def ants_syn(fixed: sitk.Image, moving: sitk.Image, options: Options) -> Field:
     return _field_like(sitk.GetArrayFromImage(field), fixed)
 
 
-METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field]] = {  # fastest first
+METHODS: dict[str, Callable[[sitk.Image, sitk.Image, Options], Field | Registered]] = {  # fastest first
     "identity": identity,
     "udrnet": udrnet,
     "udrnet-fast": udrnet_pipeline_fast,

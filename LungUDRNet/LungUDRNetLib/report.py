@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from . import metrics
 from .geometry import field_to_voxel_flow, index_to_lps_matrix, transform_points, warp_image
 from .preprocess import normalise_ct, same_geometry
-from .registration import RegistrationResult
+from .registration import OPTIMISED, RegistrationResult
 
 
 def on_fixed_grid(image: sitk.Image, fixed: sitk.Image, interpolator: int) -> sitk.Image:
@@ -150,6 +150,7 @@ def summary_line(report: dict) -> str:
     parts.append(f"folded voxels {report['jacobian']['folding_percent']:.3f}%")
     parts.append(f"{report['runtime_s']['total']:.1f} s on {report['device']}")
     kept = report.get("stages", {}).get("kept")
-    if kept and "network" not in kept:  # identity or affine: the network's result was dropped
-        parts.append(f"kept the {kept} result: the later stages lowered the similarity in the lungs")
+    if kept and "network" not in kept:  # the network's result was dropped (instance optimisation then started
+        dropped = "the network" if OPTIMISED in kept else "the later stages"  # from the stage before it)
+        parts.append(f"kept the {kept} result: {dropped} lowered the similarity in the lungs")
     return "; ".join(parts)
