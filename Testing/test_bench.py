@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from LungUDRNetLib import register
 from LungUDRNetBench.command import add_parser
 from LungUDRNetBench.data import read_pair, tiny_pairs
 from LungUDRNetBench.peers import Options, udrnet_pipeline, udrnet_pipeline_fast
-from LungUDRNetBench.runner import Job, run_job
+from LungUDRNetBench.runner import Job, run_job, time_command
 from LungUDRNetLib.geometry import transform_points
 
 
@@ -47,6 +48,18 @@ def test_child_failure_is_a_row_not_a_crash(tmp_path):
     result = run_job(Job("identity", str(tmp_path / "no_such_pair"), str(tmp_path / "run"), repeats=1))
     assert result.error is not None and "failed" in result.error
     assert np.isnan(result.median_s)
+
+
+def test_the_register_rows_also_time_the_command_itself(tmp_path):
+    """``udrnet-fast`` is ``lungudrnet register --fast``: its command is run in a process of its own, which
+    writes the command's three files; a row that is no command gets NaN."""
+    pair = tiny_pairs(tmp_path / "pairs", count=1)[0]
+    seconds = time_command(Job("udrnet-fast", str(pair), str(tmp_path / "run"), threads=1))
+    assert seconds > 0
+    written = json.loads((tmp_path / "run" / "command" / "metrics.json").read_text())
+    assert written["runtime_s"]["total"] < seconds and "instance optimisation" not in written["runtime_s"]
+    assert (tmp_path / "run" / "command" / "displacement.nii.gz").stat().st_size > 0
+    assert np.isnan(time_command(Job("sitk-demons", str(pair), str(tmp_path / "demons"))))
 
 
 @pytest.mark.parametrize("slow_s, timed_runs", [(float("inf"), 3), (0.0, 1)])

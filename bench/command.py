@@ -17,7 +17,7 @@ from LungUDRNetLib.errors import InputError
 from LungUDRNetLib.networks import model_name
 from .evaluate import evaluate
 from .peers import METHODS, Options
-from .runner import Job, run_job
+from .runner import Job, run_job, time_command
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
                       args.threads, repeats, args.warmup, asdict(options), args.slow_seconds or float("inf"))
             result = run_job(job, args.timeout)
+            result.command_s = time_command(job, args.timeout)
             report = None
             if not result.error:
                 report, result.error = _evaluated(pair, Path(job.out))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+# The rows that are the ``lungudrnet register`` command itself, with the options that make them so.
+COMMANDS = {"udrnet-pipeline": (), "udrnet-fast": ("--fast",)}
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Job:
 @dataclass
 class RunResult:
     """Timings (s) of the timed runs, their median, the median of the method alone (no I/O, no
-    warp), the whole process up to the first run's files (s) and the child's peak RSS (MB)."""
+    warp), the whole process up to the first run's files (s), the child's peak RSS (MB) and, for the
+    :data:`COMMANDS` rows, the ``lungudrnet register`` command's own process (s; :func:`time_command`)."""
 
     method: str
     pair: str
@@ -57,6 +60,7 @@ class RunResult:
     method_median_s: float = float("nan")
     process_s: float = float("nan")
     peak_rss_mb: float = float("nan")
+    command_s: float = float("nan")
     error: str | None = None
 
 
@@ -128,6 +132,29 @@ def child_main(job_path: str) -> None:
     (Path(job.out) / "result.json").write_text(json.dumps(asdict(result)))
 
 
+def _thread_environment(threads: int) -> dict[str, str]:
+    return {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
+
+
+def time_command(job: Job, timeout_s: float | None = None) -> float:
+    """Seconds a user waits for ``lungudrnet register`` on the job's pair (a :data:`COMMANDS` row, with its
+    options and the job's weights and threads): a new process from its start to its exit, its files written
+    (warped scan, field on its native grid, metrics.json). NaN for other methods, or when the command fails."""
+    if job.method not in COMMANDS:
+        return float("nan")
+    pair, out = Path(job.pair), Path(job.out) / "command"
+    model = ("--model", job.options["weights"]) if job.options.get("weights") else ()
+    argv = [sys.executable, "-m", "LungUDRNetLib.cli", "--quiet", "register", "--fixed", str(pair / "fixed.mha"),
+            "--moving", str(pair / "moving.mha"), "--out", str(out), "--overwrite", *model, *COMMANDS[job.method]]
+    started = time.perf_counter()
+    try:
+        completed = subprocess.run(argv, env=_thread_environment(job.threads), capture_output=True,
+                                   timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return float("nan")
+    return time.perf_counter() - started if completed.returncode == 0 else float("nan")
+
+
 def _describe_failure(returncode: int, stderr: str) -> str:
     if returncode < 0:
         return f"crashed: {signal.Signals(-returncode).name}"
@@ -143,10 +170,9 @@ def run_job(job: Job, timeout_s: float | None = None) -> RunResult:
     job_path = out / "job.json"
     job.launched_at = time.time()
     job_path.write_text(json.dumps(asdict(job)))
-    env = {**os.environ, **{name: str(job.threads) for name in THREAD_VARIABLES}}
     try:
         completed = subprocess.run([sys.executable, "-m", "LungUDRNetBench.runner", str(job_path)],
-                                   env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                   env=_thread_environment(job.threads), capture_output=True, text=True, encoding="utf-8", errors="replace",
                                    timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return RunResult(job.method, Path(job.pair).name, error=f"timed out after {timeout_s:g} s")

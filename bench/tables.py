@@ -19,13 +19,13 @@ import torch
 from .data import UNSEEN_PREFIX
 
 COLUMNS = ["group", "method", "pair", "tre_before_mm", "tre_mean_mm", "tre_std_mm", "tre_p90_mm", "dice_percent", "one_minus_mse_percent",
-           "ncc_percent", "sdlogj", "folding_percent", "process_s", "median_s", "timed_runs", "method_median_s", "peak_rss_mb", "error"]
+           "ncc_percent", "sdlogj", "folding_percent", "process_s", "median_s", "timed_runs", "method_median_s", "peak_rss_mb", "command_s", "error"]
 SUMMARY = [("TRE mean (mm)", "tre_mean_mm"), ("TRE std", "tre_std_mm"), ("TRE p90", "tre_p90_mm"),
            ("lung Dice %", "dice_percent"), ("1-MSE %", "one_minus_mse_percent"), ("NCC %", "ncc_percent"),
            ("SDlogJ", "sdlogj"), ("folded %", "folding_percent"), ("whole process (s)", "process_s"),
            ("time in process (s, median)", "median_s"),
            ("timed runs per pair", "timed_runs"), ("method only (s)", "method_median_s"),
-           ("peak RSS (MB)", "peak_rss_mb")]
+           ("peak RSS (MB)", "peak_rss_mb"), ("register command (s)", "command_s")]
 
 
 def group_of(pair: str) -> str:
@@ -46,7 +46,7 @@ def row(method: str, pair: str, report: dict | None, run) -> dict:
             "one_minus_mse_percent": after.get("one_minus_mse_percent"), "ncc_percent": after.get("ncc_percent"),
             "sdlogj": jacobian.get("sdlogj"), "folding_percent": jacobian.get("folding_percent"),
             "process_s": run.process_s, "median_s": run.median_s, "timed_runs": len(run.times_s), "method_median_s": run.method_median_s, "peak_rss_mb": run.peak_rss_mb,
-            "error": run.error}
+            "command_s": run.command_s, "error": run.error}
 
 
 def _mean(rows: list[dict], key: str) -> float:
