@@ -75,7 +75,13 @@ def test_a_full_disk_while_writing_leaves_no_partial_result(tmp_path, monkeypatc
     written = []
 
     def fill_the_disk(field, path: Path) -> None:
-        """The displacement field's writer: part of the file is written, then the disk is full."""
+        """The displacement field's writer: part of the file is written, then the disk is full; once the warped
+        scan's writer, in the other thread, has started (the real field writer, which does not compress, is
+        the quicker one)."""
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and not any(p.name.startswith(".warped") and p.stat().st_size
+                                                      for p in path.parent.iterdir()):
+            time.sleep(0.005)
         path.write_bytes(b"\0" * 4096)
         written.extend(sorted(p.name for p in path.parent.iterdir() if p.stat().st_size))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -50,7 +50,7 @@ def row(method: str, pair: str, report: dict | None, run) -> dict:
 
 
 def _mean(rows: list[dict], key: str) -> float:
-    values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+    values = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]  # older rows lack some
     return float(np.mean(values)) if values else float("nan")
 
 
