@@ -74,7 +74,7 @@ def test_a_full_disk_while_writing_leaves_no_partial_result(tmp_path, monkeypatc
     before = checksums(tmp_path)
     written = []
 
-    def fill_the_disk(field, path: Path) -> None:
+    def fill_the_disk(field, path: Path, compress: bool) -> None:
         """The displacement field's writer: part of the file is written, then the disk is full; once the warped
         scan's writer, in the other thread, has started (the real field writer, which does not compress, is
         the quicker one)."""

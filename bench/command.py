@@ -193,7 +193,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             job = Job(method, str(out / "pairs" / pair.name), str(out / "runs" / method / pair.name),
                       args.threads, repeats, args.warmup, asdict(options), args.slow_seconds or float("inf"))
             result = run_job(job, args.timeout)
-            result.command_s = time_command(job, args.timeout)
+            if not result.error:
+                result.command_s = time_command(job, args.timeout)
             report = None
             if not result.error:
                 report, result.error = _evaluated(pair, Path(job.out))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import statistics
@@ -28,6 +29,8 @@ from pathlib import Path
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+log = logging.getLogger(__name__)
 # The rows that are the ``lungudrnet register`` command itself, with the options that make them so.
 COMMANDS = {"udrnet-pipeline": (), "udrnet-fast": ("--fast",)}
 
@@ -138,21 +141,28 @@ def _thread_environment(threads: int) -> dict[str, str]:
 
 def time_command(job: Job, timeout_s: float | None = None) -> float:
     """Seconds a user waits for ``lungudrnet register`` on the job's pair (a :data:`COMMANDS` row, with its
-    options and the job's weights and threads): a new process from its start to its exit, its files written
-    (warped scan, field on its native grid, metrics.json). NaN for other methods, or when the command fails."""
+    options and the job's weights and threads, on the CPU as the harness runs it): a new process from its start
+    to its exit, its files written (warped scan, field on its native grid, metrics.json). NaN for other
+    methods, or when the command fails (a warning gives its last line)."""
     if job.method not in COMMANDS:
         return float("nan")
     pair, out = Path(job.pair), Path(job.out) / "command"
     model = ("--model", job.options["weights"]) if job.options.get("weights") else ()
     argv = [sys.executable, "-m", "LungUDRNetLib.cli", "--quiet", "register", "--fixed", str(pair / "fixed.mha"),
-            "--moving", str(pair / "moving.mha"), "--out", str(out), "--overwrite", *model, *COMMANDS[job.method]]
+            "--moving", str(pair / "moving.mha"), "--out", str(out), "--overwrite", "--device", "cpu", *model,
+            *COMMANDS[job.method]]
     started = time.perf_counter()
     try:
-        completed = subprocess.run(argv, env=_thread_environment(job.threads), capture_output=True,
-                                   timeout=timeout_s)
+        completed = subprocess.run(argv, env=_thread_environment(job.threads), capture_output=True, text=True,
+                                   encoding="utf-8", errors="replace", timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        log.warning("%s on %s: the register command timed out after %g s", job.method, pair.name, timeout_s)
         return float("nan")
-    return time.perf_counter() - started if completed.returncode == 0 else float("nan")
+    if completed.returncode != 0:
+        log.warning("%s on %s: the register command %s", job.method, pair.name,
+                    _describe_failure(completed.returncode, completed.stderr))
+        return float("nan")
+    return time.perf_counter() - started
 
 
 def _describe_failure(returncode: int, stderr: str) -> str:
@@ -172,8 +182,8 @@ def run_job(job: Job, timeout_s: float | None = None) -> RunResult:
     job_path.write_text(json.dumps(asdict(job)))
     try:
         completed = subprocess.run([sys.executable, "-m", "LungUDRNetBench.runner", str(job_path)],
-                                   env=_thread_environment(job.threads), capture_output=True, text=True, encoding="utf-8", errors="replace",
-                                   timeout=timeout_s)
+                                   env=_thread_environment(job.threads), capture_output=True, text=True,
+                                   encoding="utf-8", errors="replace", timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return RunResult(job.method, Path(job.pair).name, error=f"timed out after {timeout_s:g} s")
     if completed.returncode != 0 or not (out / "result.json").is_file():

@@ -129,19 +129,19 @@ def _slice_holes(mask: np.ndarray, axis: int, in_view: np.ndarray | None = None)
     structure = ndimage.generate_binary_structure(3, 1)
     for end in (0, 2):
         np.moveaxis(structure, axis, 0)[end] = False
-    return _enclosed(mask, structure, [a for a in range(3) if a != axis], in_view)
+    return _enclosed(mask, structure, tuple(a for a in range(3) if a != axis), in_view)
 
 
-def _enclosed(mask: np.ndarray, structure: np.ndarray | None = None, faces=(0, 1, 2),
+def _enclosed(mask: np.ndarray, structure: np.ndarray | None = None, axes: tuple[int, ...] = (0, 1, 2),
               in_view: np.ndarray | None = None) -> np.ndarray:
     """The components (connected by ``structure``; default 6-connected) outside ``mask`` that touch
-    neither the array's faces across the axes ``faces`` nor the voxels outside ``in_view``. With the
+    neither the array's first or last slice along any of ``axes`` nor the voxels outside ``in_view``. With the
     defaults, what ``ndimage.binary_fill_holes`` adds, from one labelling instead of its repeated
     dilations (0.12 -> 0.03 s on a lung CT's working grid)."""
     labels, count = ndimage.label(~mask, structure)
     hole = np.ones(count + 1, dtype=bool)
     hole[0] = False
-    for axis in faces:
+    for axis in axes:
         hole[np.take(labels, 0, axis=axis)] = False
         hole[np.take(labels, -1, axis=axis)] = False
     if in_view is not None:
@@ -189,4 +189,3 @@ def _close_and_fill(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
     box = box_size(VESSEL_RADIUS_MM, grid)
     closed = ndimage.minimum_filter(ndimage.maximum_filter(mask, box, mode="constant"), box, mode="constant", cval=1)
     return closed | _enclosed(closed)
-

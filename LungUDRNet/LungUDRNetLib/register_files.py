@@ -92,7 +92,8 @@ def read_inputs(paths: dict[str, InputPath | None], options: Options, model: tup
     model = model or load_model(options.model)
     optimisation = optimisation_for(model[2], options.fast, options.iterations)
     check_register_memory(headers, model[0], model[1], options.max_memory, report=True, optimisation=optimisation)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the readers release the GIL while decompressing
+    folders = any(os.path.isdir(path) for path in paths.values())  # GDCM is not known to be thread-safe
+    with ThreadPoolExecutor(max_workers=1 if folders else 2) as pool:  # file readers release the GIL
         reading = {what: pool.submit(read_image, path, what, series.get(what)) for what, path in paths.items()}
     images = {what: future.result() for what, future in reading.items()}
     fixed, moving = images["fixed image"], images["moving image"]

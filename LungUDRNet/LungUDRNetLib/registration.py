@@ -273,7 +273,8 @@ def _candidate(branch: Branch, points: np.ndarray) -> Candidate:
     """What ``branch`` makes of the moving scan on the network grid (``points``: its voxels, LPS mm)."""
     mapped, moving01 = points, branch.moving_net
     if branch.flow is not None:
-        mapped = points + sitk.GetArrayViewFromImage(voxel_flow_to_field(branch.flow, branch.grid))
+        field = voxel_flow_to_field(branch.flow, branch.grid)  # kept alive while its voxels are viewed
+        mapped = points + sitk.GetArrayViewFromImage(field)
         moving01 = warp(torch.from_numpy(branch.moving_net)[None, None], torch.from_numpy(branch.flow)[None])[0, 0]
         moving01 = moving01.numpy()
     if branch.transform is not None:

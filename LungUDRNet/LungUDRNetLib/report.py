@@ -99,8 +99,9 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
             warp_image, moving_mask, result.displacement, sitk.sitkNearestNeighbor, 0, result.transform)
         report = _report(fixed, moving, result, fixed_mask, moving_mask, fixed_points, moving_points)
         if moved_after is not None:
+            warped_mask = moved_after.result()  # kept alive while its voxels are viewed
             report["after"]["dice_percent"] = 100.0 * metrics.dice(sitk.GetArrayViewFromImage(fixed_mask),
-                                                                   sitk.GetArrayViewFromImage(moved_after.result()))
+                                                                   sitk.GetArrayViewFromImage(warped_mask))
     return report
 
 
@@ -132,6 +133,7 @@ def _report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult, f
         fixed_array = sitk.GetArrayViewFromImage(fixed_mask)
         moved_before = on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
         report["before"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(moved_before))
+        report["after"]["dice_percent"] = None  # the caller's, once its warp of the mask is done
     if fixed_points is not None and moving_points is not None:
         for state, mapped in (("before", fixed_points), ("after", transform_points(fixed_points, result.displacement))):
             tre = metrics.target_registration_error(mapped, moving_points)
@@ -162,7 +164,7 @@ def summary_line(report: dict) -> str:
     parts.append(f"folded voxels {report['jacobian']['folding_percent']:.3f}%")
     parts.append(f"{report['runtime_s']['total']:.1f} s on {report['device']}")
     kept = report.get("stages", {}).get("kept")
-    if kept and "network" not in kept:  # the network's result was dropped (instance optimisation then started
-        dropped = "the network" if OPTIMISED in kept else "the later stages"  # from the stage before it)
+    if kept and "network" not in kept:  # the network's result was dropped; instance optimisation, if kept,
+        dropped = "the network" if OPTIMISED in kept else "the later stages"  # started from the stage before it
         parts.append(f"kept the {kept} result: {dropped} lowered the similarity in the lungs")
     return "; ".join(parts)

@@ -114,7 +114,7 @@ def write_synthetic_dataset(out: Path, plan: dict[str, list[tuple[str, int]]], s
             write_image(getattr(pair, key), out / files[key])
         write_points(pair.fixed_points, out / files["fixed_points"])
         write_points(pair.moving_points, out / files["moving_points"])
-        write_displacement_field(pair.displacement, out / files["true_displacement"])
+        write_displacement_field(pair.displacement, out / files["true_displacement"], compress=True)
         rows.append({"name": f"{stem} ({description})", "split": split, **files})
     with atomic_path(out / "pairs.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
