@@ -11,7 +11,7 @@ same scores are also given inside the lungs (the mask within the overlap).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -97,17 +97,14 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     with ThreadPoolExecutor(max_workers=1) as pool:  # SimpleITK's resampling releases the GIL meanwhile
         moved_after = None if fixed_mask is None or moving_mask is None else pool.submit(
             warp_image, moving_mask, result.displacement, sitk.sitkNearestNeighbor, 0, result.transform)
-        report = _report(fixed, moving, result, fixed_mask, moving_mask, fixed_points, moving_points)
-        if moved_after is not None:
-            warped_mask = moved_after.result()  # kept alive while its voxels are viewed
-            report["after"]["dice_percent"] = 100.0 * metrics.dice(sitk.GetArrayViewFromImage(fixed_mask),
-                                                                   sitk.GetArrayViewFromImage(warped_mask))
-    return report
+        return _report(fixed, moving, result, fixed_mask, moving_mask, moved_after, fixed_points, moving_points)
 
 
 def _report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult, fixed_mask: sitk.Image | None,
-            moving_mask: sitk.Image | None, fixed_points: np.ndarray | None, moving_points: np.ndarray | None) -> dict:
-    """:func:`registration_report` but the lung Dice after registration (the caller warps the mask meanwhile)."""
+            moving_mask: sitk.Image | None, moved_after: Future | None, fixed_points: np.ndarray | None,
+            moving_points: np.ndarray | None) -> dict:
+    """:func:`registration_report`, with ``moved_after`` the moving mask being warped meanwhile (None without
+    both masks)."""
     preprocess = result.preprocess
     fixed_values = normalise_ct(sitk.GetArrayViewFromImage(fixed), preprocess)
     before = normalise_ct(sitk.GetArrayFromImage(on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
@@ -133,7 +130,8 @@ def _report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult, f
         fixed_array = sitk.GetArrayViewFromImage(fixed_mask)
         moved_before = on_fixed_grid(moving_mask, fixed, sitk.sitkNearestNeighbor)
         report["before"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(moved_before))
-        report["after"]["dice_percent"] = None  # the caller's, once its warp of the mask is done
+        warped_mask = moved_after.result()  # kept alive while its voxels are viewed
+        report["after"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(warped_mask))
     if fixed_points is not None and moving_points is not None:
         for state, mapped in (("before", fixed_points), ("after", transform_points(fixed_points, result.displacement))):
             tre = metrics.target_registration_error(mapped, moving_points)
