@@ -16,8 +16,8 @@ from LungUDRNetLib.geometry import field_to_transform, warp_image
 from LungUDRNetLib.io import write_image
 from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig, normalise_ct
-from LungUDRNetLib.registration import RegistrationResult
-from LungUDRNetLib.report import on_fixed_grid, registration_report, summary_line
+from LungUDRNetLib.registration import RegistrationResult, _warped_ct, in_pixel_type_of, register
+from LungUDRNetLib.report import on_fixed_grid, overlap_mask, registration_report, summary_line
 
 SIZE = (40, 36, 32)
 MOVING_SLICES = 19  # the moving scan covers 19 of the fixed scan's 32 slices (59 %)
@@ -32,9 +32,9 @@ def partial_pair():
     field = analytic_field(grid, translation_mm=TRANSLATION_MM, amplitude_mm=1.0)
     fixed = warp_image(whole_moving, field)  # fixed(p) = moving(p + u(p))
     moving = sitk.RegionOfInterest(whole_moving, (SIZE[0], SIZE[1], MOVING_SLICES), (0, 0, 0))
-    result = RegistrationResult(warped=warp_image(moving, field), displacement=sitk.Cast(field, sitk.sitkVectorFloat32),
-                                transform=field_to_transform(field), grid=fixed, preprocess=PreprocessConfig(),
-                                device="cpu", timings={"total": 2.5})
+    result = RegistrationResult(warped=warp_image(moving, field), transform=field_to_transform(field), grid=fixed,
+                                preprocess=PreprocessConfig(), device="cpu", timings={"total": 2.5},
+                                fixed_grid_displacement=sitk.Cast(field, sitk.sitkVectorFloat32))
     return fixed, moving, result
 
 
@@ -80,6 +80,33 @@ def test_partial_moving_scan_whole_grid_ncc_falls_but_the_overlap_ncc_rises(part
     for state, values in (("before", before), ("after", after)):
         assert report[state]["ncc_percent"] == pytest.approx(_ncc_percent(fixed_values[overlap], values[overlap]))
     assert not any(key.startswith("lung_") for key in (*report, *report["after"]))
+
+
+def test_the_warp_says_where_it_holds_moving_data_as_simpleitk_resamples_it(partial_pair):
+    """register()'s warp marks where p + u(p) falls outside the moving scan (its padding) without the field on
+    the fixed grid; SimpleITK's nearest-neighbour resampling of a ones-image through that field agrees, and the
+    warped scan is the linear warp through that field (to 0.01 HU: float32 rounding) in the moving scan's
+    pixel type."""
+    fixed, moving, result = partial_pair
+    warped, inside = _warped_ct(moving, fixed, result.transform)
+    expected = _inside_moving(moving, fixed, result.displacement)
+    assert 0.4 < expected.mean() < 0.6  # the field pulls part of the fixed grid out of the moving scan
+    np.testing.assert_array_equal(inside, expected)
+    reference = in_pixel_type_of(warp_image(sitk.Cast(moving, sitk.sitkFloat32), result.displacement), moving)
+    assert warped.GetPixelID() == moving.GetPixelID()
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(warped), sitk.GetArrayViewFromImage(reference), atol=0.01)
+
+
+def test_a_registration_computes_its_overlap_without_the_fixed_grid_field(partial_pair):
+    fixed, moving, _ = partial_pair
+    model, _, _ = untrained_model()
+    result = register(fixed, moving, model=model, preprocess=PreprocessConfig(grid_shape=(32, 32, 32)),
+                      device="cpu", fast=True, affine=False)
+    report = registration_report(fixed, moving, result)
+    assert result.fixed_grid_displacement is None  # not needed for the report
+    expected = overlap_mask(fixed, moving, result.displacement)
+    assert report["overlap_percent"] == pytest.approx(100.0 * expected.mean())
+    assert 100.0 * expected.mean() == pytest.approx(100.0 * MOVING_SLICES / SIZE[2], abs=1.0)
 
 
 def test_lung_similarity_is_computed_on_the_fixed_lungs_within_the_overlap(partial_pair):

@@ -18,7 +18,7 @@ def evaluate(pair: BenchPair, out: Path) -> dict:
     """Before/after metrics (:func:`LungUDRNetLib.report.registration_report`) of ``out/field.mha``."""
     field = read_displacement_field(out / "field.mha")
     result = RegistrationResult(warped=read_image(out / "warped.mha", "warped"),
-                                displacement=sitk.Cast(field, sitk.sitkVectorFloat32),
+                                fixed_grid_displacement=sitk.Cast(field, sitk.sitkVectorFloat32),
                                 transform=field_to_transform(field), grid=pair.fixed,
                                 preprocess=PreprocessConfig(), device="cpu")
     return registration_report(pair.fixed, pair.moving, result, pair.fixed_mask, pair.moving_mask,

@@ -161,7 +161,8 @@ def warp_image(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.s
 
     ``default_value`` fills points that fall outside ``moving``; by default the
     minimum of ``moving`` (air for CT, background for masks). ``transform``
-    is ``field_to_transform(field)`` when the caller has built it already.
+    is ``field_to_transform(field)`` when the caller has built it already
+    (``field`` then only gives the grid: any image on it will do).
     """
     if default_value is None:
         default_value = float(np.min(sitk.GetArrayViewFromImage(moving)))
@@ -169,9 +170,10 @@ def warp_image(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.s
                          moving.GetPixelID())
 
 
-def transform_points(points_lps: np.ndarray, field: sitk.Image) -> np.ndarray:
-    """Map fixed points p (N, 3, LPS mm) to their moving correspondences p + u(p)."""
-    transform = field_to_transform(field)
+def transform_points(points_lps: np.ndarray, field: sitk.Image | sitk.Transform) -> np.ndarray:
+    """Map fixed points p (N, 3, LPS mm) to their moving correspondences p + u(p) (``field``: the pull field
+    u, or a transform of fixed to moving points)."""
+    transform = field if isinstance(field, sitk.Transform) else field_to_transform(field)
     return np.array([transform.TransformPoint(tuple(map(float, p))) for p in np.atleast_2d(points_lps)])
 
 

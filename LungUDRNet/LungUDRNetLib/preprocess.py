@@ -75,25 +75,30 @@ class PreprocessConfig:
         return cls(**data)
 
 
-def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Eq. 1: clip HU to [level - width/2, level + width/2] and map linearly to [0, 255]."""
-    low = level - width / 2.0
-    return np.clip((np.asarray(hu, dtype=np.float32) - low) * (255.0 / width), 0.0, 255.0)
+def window(hu: np.ndarray, level: float, width: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 1: clip HU to [level - width/2, level + width/2] and map linearly to [0, 255] (float32; written
+    into ``out``, a float32 array of ``hu``'s shape that may be ``hu`` itself, when given)."""
+    values = np.subtract(hu, level - width / 2.0, out=out, dtype=np.float32)
+    values *= 255.0 / width
+    return np.clip(values, 0.0, 255.0, out=values)
 
 
-def min_max(values: np.ndarray) -> np.ndarray:
-    """Eq. 2: map to [0, 1] by the array's own minimum and maximum (a constant array gives 0)."""
+def min_max(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 2: map to [0, 1] by the array's own minimum and maximum (a constant array gives 0); float32,
+    written into ``out`` (as for :func:`window`) when given."""
     values = np.asarray(values, dtype=np.float32)
     low, high = float(values.min()), float(values.max())
     if high <= low:
-        return np.zeros_like(values)
-    return (values - low) / (high - low)
+        return np.multiply(values, 0.0, out=out)
+    result = np.subtract(values, low, out=out)
+    return np.divide(result, high - low, out=result)
 
 
 def normalise_ct(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Window then min-max normalise a HU array; NaN voxels count as air (-1000 HU)."""
-    hu = np.nan_to_num(np.asarray(hu, dtype=np.float32), nan=-1000.0, posinf=3071.0, neginf=-1024.0)
-    return min_max(window(hu, config.window_level, config.window_width))
+    """Window then min-max normalise a HU array (a new float32 array); NaN voxels count as air (-1000 HU)."""
+    values = np.array(hu, dtype=np.float32)  # the caller's array stays intact; the steps work in place on it
+    np.nan_to_num(values, copy=False, nan=-1000.0, posinf=3071.0, neginf=-1024.0)
+    return min_max(window(values, config.window_level, config.window_width, out=values), out=values)
 
 
 def replace_non_finite(image: sitk.Image, what: str) -> sitk.Image:

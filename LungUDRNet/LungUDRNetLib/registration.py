@@ -28,7 +28,7 @@ from .affine import prealign
 from .checkpoint import load_model
 from .errors import DeviceError, InputError, ModelError, ResourceError
 from .geometry import (affine_points, bounds_overlap, compose_affine, describe_bounds, field_to_transform,
-                       flow_on_grid, resample_field, voxel_flow_to_field, warp_image)
+                       flow_on_grid, resample_field, voxel_flow_to_field)
 from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, optimise
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header, rounded_to_integer
 from .lung_mask import lung_mask
@@ -51,8 +51,12 @@ MAX_FOLDED_PERCENT = 0.1  # instance optimisation keeps the last step folding no
 class RegistrationResult:
     """Outputs of :func:`register`, on the fixed image's grid unless said otherwise.
 
-    ``displacement`` is the pull field in LPS mm (VectorFloat32): the fixed point
-    p corresponds to the moving point p + u(p). ``transform`` maps fixed points
+    ``displacement`` is the pull field in LPS mm (VectorFloat32) on the fixed
+    grid: the fixed point p corresponds to the moving point p + u(p). It is
+    resampled from ``native_displacement`` when first asked for (92 MB for a
+    192x192x208 fixed image; ``lungudrnet register`` writes the native field
+    and needs none), or given as ``fixed_grid_displacement`` where a result is
+    made from a fixed-grid field alone. ``transform`` maps fixed points
     to moving points (``TransformPoint``) and resamples moving onto fixed; it
     holds ``native_displacement`` (the same mapping at every fixed voxel).
     ``native_displacement`` is the same field (LPS mm, VectorFloat32) at the
@@ -64,10 +68,12 @@ class RegistrationResult:
     strays from it a little (0.085 mm at most on a 512x512x300 lung pair). It
     is about 1 % of ``displacement``'s size there (82x113x79 nodes for a 64^3 grid).
     None where a result is made from a fixed-grid field alone.
+    ``moved_inside`` (bool (z, y, x) on the fixed grid, from :func:`register`):
+    True where p + u(p) lies inside the moving image, i.e. where ``warped``
+    holds moving data rather than padding.
     """
 
     warped: sitk.Image
-    displacement: sitk.Image
     transform: sitk.DisplacementFieldTransform
     grid: sitk.Image
     preprocess: PreprocessConfig
@@ -81,6 +87,16 @@ class RegistrationResult:
     fixed_mask: sitk.Image | None = None
     moving_mask: sitk.Image | None = None
     mask_sources: dict[str, str | None] = field(default_factory=dict)
+    fixed_grid_displacement: sitk.Image | None = field(default=None, repr=False)
+    moved_inside: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def displacement(self) -> sitk.Image:
+        """The pull field u (LPS mm, VectorFloat32) on the fixed grid (see the class docstring)."""
+        if self.fixed_grid_displacement is None:
+            self.fixed_grid_displacement = resample_field(self.native_displacement, self.warped,
+                                                          sitk.sitkVectorFloat32)
+        return self.fixed_grid_displacement
 
     def metrics(self, fixed, moving, fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
                 fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None) -> dict:
@@ -207,6 +223,18 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     warped int16 CT stays an int16 CT (half the size of float32 on disk); float references leave it as is."""
     dtype = sitk.GetArrayViewFromImage(reference).dtype
     return rounded_to_integer(image, dtype) if np.issubdtype(dtype, np.integer) else image
+
+
+def _warped_ct(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> tuple[sitk.Image, np.ndarray]:
+    """The moving CT resampled onto the fixed grid through ``transform`` (linear, in the moving image's pixel
+    type; the moving minimum where p + u(p) falls outside it) and where it does not (bool (z, y, x))."""
+    values = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, transform,
+                                                  sitk.sitkLinear, np.nan, sitk.sitkFloat32))
+    inside = np.isfinite(values)
+    values[~inside] = np.min(sitk.GetArrayViewFromImage(moving))
+    warped = sitk.GetImageFromArray(values)
+    warped.CopyInformation(fixed)
+    return in_pixel_type_of(warped, moving), inside
 
 
 def _apart_message(fixed: sitk.Image, moving: sitk.Image) -> str | None:
@@ -482,20 +510,18 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     if never_worse:
         _warn_if_dropped(kept, scores, optimised=optimised_scored)
 
-    report(0.7, "mapping the displacement field to the fixed image grid")
+    report(0.7, "composing the displacement field")
     step = time.perf_counter()
     flow = kept.flow if kept.flow is not None else np.zeros((3, *kept.grid.GetSize()[::-1]), np.float32)
     native_displacement = flow_to_native_field(flow, kept.grid, fixed_image)
     if kept.transform is not None:
         native_displacement = compose_affine(kept.transform, native_displacement)
-    displacement = resample_field(native_displacement, fixed_image, sitk.sitkVectorFloat32)
     transform = field_to_transform(native_displacement)  # the same mapping, without a float64 per-voxel copy
     timings["field"] = time.perf_counter() - step
 
     report(0.85, "warping the moving image")
     step = time.perf_counter()
-    warped = in_pixel_type_of(warp_image(sitk.Cast(moving_image, sitk.sitkFloat32), displacement,
-                                         transform=transform), moving_image)
+    warped, moved_inside = _warped_ct(moving_image, fixed_image, transform)
     timings["warp"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
     log.debug("network grid %s on %s; seconds: %s", "x".join(map(str, config.grid_shape)), used,
@@ -503,7 +529,6 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     report(1.0, "done")
     return RegistrationResult(
         warped=warped,
-        displacement=displacement,
         transform=transform,
         grid=kept.grid,
         preprocess=config,
@@ -517,4 +542,5 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
         fixed_mask=fixed_lungs,
         moving_mask=moving_lungs,
         mask_sources=mask_sources,
+        moved_inside=moved_inside,
     )

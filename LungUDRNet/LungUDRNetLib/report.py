@@ -32,31 +32,36 @@ def on_fixed_grid(image: sitk.Image, fixed: sitk.Image, interpolator: int) -> si
     return sitk.Resample(image, fixed, sitk.Transform(), interpolator, outside, image.GetPixelID())
 
 
-def overlap_mask(fixed: sitk.Image, moving: sitk.Image, displacement: sitk.Image) -> np.ndarray:
+def overlap_mask(fixed: sitk.Image, moving: sitk.Image, displacement: sitk.Image | None = None,
+                 moved_inside: np.ndarray | None = None) -> np.ndarray:
     """Bool array (z, y, x) on ``fixed``'s grid: True where both p and p + u(p) lie inside ``moving``.
 
-    ``displacement`` is the pull field u (LPS mm) on ``fixed``'s grid. Inside
-    means a continuous moving index in [-0.5, size - 0.5) on every axis, the
-    extent where a resampler reads moving data. Computed one fixed slice at a
-    time, from the images' index-to-LPS matrices.
+    ``displacement`` is the pull field u (LPS mm) on ``fixed``'s grid; or
+    ``moved_inside`` (bool (z, y, x) on that grid, e.g.
+    :attr:`.registration.RegistrationResult.moved_inside`) says where p + u(p)
+    lies inside, and no field is needed. Inside means a continuous moving
+    index in [-0.5, size - 0.5) on every axis, the extent where a resampler
+    reads moving data. Computed one fixed slice at a time, from the images'
+    index-to-LPS matrices.
     """
-    if displacement.GetSize() != fixed.GetSize():
+    if moved_inside is None and displacement.GetSize() != fixed.GetSize():
         raise ValueError(f"displacement grid {displacement.GetSize()} is not the fixed grid {fixed.GetSize()}")
     lps_to_moving = np.linalg.inv(index_to_lps_matrix(moving))
     fixed_to_moving = lps_to_moving @ index_to_lps_matrix(fixed)  # fixed (i, j, k) -> moving (i, j, k)
     columns, rows, slices = fixed.GetSize()
     i, j = np.arange(columns, dtype=np.float64), np.arange(rows, dtype=np.float64)[:, None]
     upper = np.asarray(moving.GetSize()) - 0.5
-    vectors = sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3) LPS mm
+    vectors = None if moved_inside is not None else sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3) LPS mm
     overlap = np.empty((slices, rows, columns), dtype=bool)
     for k in range(slices):
-        inside = np.ones((rows, columns), dtype=bool)
+        inside = np.ones((rows, columns), dtype=bool) if vectors is not None else moved_inside[k].copy()
         for axis in range(3):
             a = fixed_to_moving[axis]
             index = a[0] * i + a[1] * j + (a[2] * k + a[3])  # moving index of p
             inside &= (index >= -0.5) & (index < upper[axis])
-            index += vectors[k] @ lps_to_moving[axis, :3]  # ... of p + u(p)
-            inside &= (index >= -0.5) & (index < upper[axis])
+            if vectors is not None:
+                index += vectors[k] @ lps_to_moving[axis, :3]  # ... of p + u(p)
+                inside &= (index >= -0.5) & (index < upper[axis])
         overlap[k] = inside
     return overlap
 
@@ -96,7 +101,7 @@ def registration_report(fixed: sitk.Image, moving: sitk.Image, result: Registrat
     moving_mask = result.moving_mask if moving_mask is None else moving_mask
     with ThreadPoolExecutor(max_workers=1) as pool:  # SimpleITK's resampling releases the GIL meanwhile
         moved_after = None if fixed_mask is None or moving_mask is None else pool.submit(
-            warp_image, moving_mask, result.displacement, sitk.sitkNearestNeighbor, 0, result.transform)
+            warp_image, moving_mask, fixed, sitk.sitkNearestNeighbor, 0, result.transform)
         return _report(fixed, moving, result, fixed_mask, moving_mask, moved_after, fixed_points, moving_points)
 
 
@@ -109,7 +114,8 @@ def _report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult, f
     fixed_values = normalise_ct(sitk.GetArrayViewFromImage(fixed), preprocess)
     before = normalise_ct(sitk.GetArrayFromImage(on_fixed_grid(moving, fixed, sitk.sitkLinear)), preprocess)
     after = normalise_ct(sitk.GetArrayViewFromImage(result.warped), preprocess)
-    overlap = overlap_mask(fixed, moving, result.displacement)
+    overlap = (overlap_mask(fixed, moving, result.displacement) if result.moved_inside is None
+               else overlap_mask(fixed, moving, moved_inside=result.moved_inside))
     regions = {"": overlap}
     report = {
         "device": result.device,
@@ -133,7 +139,7 @@ def _report(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult, f
         warped_mask = moved_after.result()  # kept alive while its voxels are viewed
         report["after"]["dice_percent"] = 100.0 * metrics.dice(fixed_array, sitk.GetArrayViewFromImage(warped_mask))
     if fixed_points is not None and moving_points is not None:
-        for state, mapped in (("before", fixed_points), ("after", transform_points(fixed_points, result.displacement))):
+        for state, mapped in (("before", fixed_points), ("after", transform_points(fixed_points, result.transform))):
             tre = metrics.target_registration_error(mapped, moving_points)
             report[state]["tre_mm"] = {"mean": float(tre.mean()), "std": float(tre.std()),
                                        "p90": float(np.percentile(tre, 90)), "max": float(tre.max())}
