@@ -25,8 +25,8 @@ log = logging.getLogger("LungUDRNetLib")
 COMMANDS_GROUP = "lungudrnet.commands"
 CORE_COMMANDS = ("register", "demo", "lung-mask")  # the subcommands this package defines itself
 # Measured figures quoted by --help (the same sentences are in the README and the panel: one fact, one figure).
-SPEED_NOTE = ("on a 192x192x208 breathing pair the whole register command took 5.9-8.4 s, 5.1-6.1 s with "
-              "--fast; on the bench's 7 breathing pairs mean TRE 0.33 mm, 1.53 mm with --fast (bench of 2026-12-06, "
+SPEED_NOTE = ("on a 192x192x208 breathing pair the whole register command took 5.3-6.0 s, 3.9-4.6 s with "
+              "--fast; on the bench's 7 breathing pairs mean TRE 0.33 mm, 1.54 mm with --fast (bench of 2026-12-06, "
               "2-core CPU)")
 NATIVE_NOTE = ("e.g. 97x71x106 nodes, 8.8 MB, for a 192x192x208 pair whose field on the fixed grid takes 92 MB; "
                "measured 2026-12-06")

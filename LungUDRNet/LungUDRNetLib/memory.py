@@ -9,7 +9,9 @@ overlap in time:
   (first encoder level, last two decoder levels);
 * the fixed-grid stage: per fixed voxel, the LPS field (float32, 12 B), the
   transform's float64 copy (24 B), the warped image (4 B) and the
-  temporaries of resampling, plus a float32 copy of the moving image; with
+  temporaries of resampling, plus a float32 copy of the moving image (since
+  2026-12-06 ``register`` makes the field on the fixed grid only when asked
+  for, e.g. ``--displacement-grid fixed``; the estimate still counts it); with
   the report (``lungudrnet register``), also its similarity and Jacobian
   temporaries;
 * with instance optimisation, ``OPTIMISATION_BYTES`` per voxel of its
