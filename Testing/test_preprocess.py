@@ -19,6 +19,17 @@ def test_window_equation_one():
 def test_min_max_equation_two():
     np.testing.assert_allclose(min_max(np.array([2.0, 4.0, 6.0])), [0.0, 0.5, 1.0])
     np.testing.assert_array_equal(min_max(np.full(4, 7.0)), np.zeros(4))
+    np.testing.assert_array_equal(min_max(np.full(3, np.inf)), np.zeros(3))  # not NaN
+    assert window(150.0, level=-600.0, width=1500.0) == 255.0  # a scalar as well as an array
+
+
+def test_normalise_ct_leaves_its_input_alone_and_writes_one_new_array():
+    hu = np.array([[-1350, -600], [150, 400]], dtype=np.int16)
+    kept = hu.copy()
+    values = normalise_ct(hu, PreprocessConfig(window_level=-600.0, window_width=1500.0))
+    np.testing.assert_array_equal(hu, kept)
+    np.testing.assert_allclose(values, [[0.0, 0.5], [1.0, 1.0]], atol=1e-6)
+    assert values.dtype == np.float32
 
 
 def test_normalise_treats_nan_as_air():

@@ -214,3 +214,17 @@ def test_before_state_on_the_fixed_grid_is_the_resampled_image_and_skips_resampl
     expected = sitk.Resample(shifted, grid, sitk.Transform(), sitk.sitkLinear,
                              float(sitk.GetArrayViewFromImage(shifted).min()), shifted.GetPixelID())
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(moved), sitk.GetArrayViewFromImage(expected))
+
+
+def test_a_coverage_mask_on_another_grid_and_a_result_without_a_field_are_refused(partial_pair):
+    fixed, moving, result = partial_pair
+    with pytest.raises(ValueError, match="not on the fixed grid"):
+        overlap_mask(fixed, moving, moved_inside=np.ones((5, 5, 5), dtype=bool))
+    with pytest.raises(ValueError, match="needs the displacement or moved_inside"):
+        overlap_mask(fixed, moving)
+    empty = RegistrationResult(warped=result.warped, transform=result.transform, grid=fixed,
+                               preprocess=PreprocessConfig(), device="cpu")
+    with pytest.raises(ValueError, match="holds no field"):
+        empty.displacement
+    with pytest.raises(TypeError):  # fields by keyword only: the old positional order cannot be misread
+        RegistrationResult(result.warped, result.displacement, result.transform, fixed, PreprocessConfig(), "cpu")

@@ -78,7 +78,7 @@ class PreprocessConfig:
 def window(hu: np.ndarray, level: float, width: float, out: np.ndarray | None = None) -> np.ndarray:
     """Eq. 1: clip HU to [level - width/2, level + width/2] and map linearly to [0, 255] (float32; written
     into ``out``, a float32 array of ``hu``'s shape that may be ``hu`` itself, when given)."""
-    values = np.subtract(hu, level - width / 2.0, out=out, dtype=np.float32)
+    values = np.asarray(np.subtract(hu, level - width / 2.0, out=out, dtype=np.float32))
     values *= 255.0 / width
     return np.clip(values, 0.0, 255.0, out=values)
 
@@ -88,8 +88,11 @@ def min_max(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     written into ``out`` (as for :func:`window`) when given."""
     values = np.asarray(values, dtype=np.float32)
     low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.multiply(values, 0.0, out=out)
+    if not high > low:  # constant (or infinite) values
+        if out is None:
+            return np.zeros_like(values)
+        out[...] = 0.0
+        return out
     result = np.subtract(values, low, out=out)
     return np.divide(result, high - low, out=result)
 

@@ -47,7 +47,7 @@ OPTIMISED = "instance optimisation"  # the stage's name, after the stage it star
 MAX_FOLDED_PERCENT = 0.1  # instance optimisation keeps the last step folding no more of its grid (or than its start)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RegistrationResult:
     """Outputs of :func:`register`, on the fixed image's grid unless said otherwise.
 
@@ -70,7 +70,9 @@ class RegistrationResult:
     None where a result is made from a fixed-grid field alone.
     ``moved_inside`` (bool (z, y, x) on the fixed grid, from :func:`register`):
     True where p + u(p) lies inside the moving image, i.e. where ``warped``
-    holds moving data rather than padding.
+    holds moving data rather than padding. Fields are given by keyword. A copy
+    with another field (``dataclasses.replace``) must reset
+    ``fixed_grid_displacement`` and ``moved_inside``, which derive from it.
     """
 
     warped: sitk.Image
@@ -94,6 +96,9 @@ class RegistrationResult:
     def displacement(self) -> sitk.Image:
         """The pull field u (LPS mm, VectorFloat32) on the fixed grid (see the class docstring)."""
         if self.fixed_grid_displacement is None:
+            if self.native_displacement is None:
+                raise ValueError("this RegistrationResult holds no field: give native_displacement or "
+                                 "fixed_grid_displacement")
             self.fixed_grid_displacement = resample_field(self.native_displacement, self.warped,
                                                           sitk.sitkVectorFloat32)
         return self.fixed_grid_displacement
@@ -226,8 +231,9 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
 
 
 def _warped_ct(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> tuple[sitk.Image, np.ndarray]:
-    """The moving CT resampled onto the fixed grid through ``transform`` (linear, in the moving image's pixel
-    type; the moving minimum where p + u(p) falls outside it) and where it does not (bool (z, y, x))."""
+    """The moving CT resampled onto the fixed grid through ``transform`` (linear; in the moving image's integer
+    pixel type, float32 for a float image; the moving minimum where p + u(p) falls outside it) and where it
+    does not (bool (z, y, x), ITK's inside-the-buffer rule of the linear interpolator)."""
     values = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, transform,
                                                   sitk.sitkLinear, np.nan, sitk.sitkFloat32))
     inside = np.isfinite(values)

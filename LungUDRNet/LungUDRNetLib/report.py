@@ -44,7 +44,12 @@ def overlap_mask(fixed: sitk.Image, moving: sitk.Image, displacement: sitk.Image
     reads moving data. Computed one fixed slice at a time, from the images'
     index-to-LPS matrices.
     """
-    if moved_inside is None and displacement.GetSize() != fixed.GetSize():
+    if moved_inside is not None:
+        if moved_inside.shape != fixed.GetSize()[::-1]:
+            raise ValueError(f"moved_inside {moved_inside.shape} is not on the fixed grid {fixed.GetSize()[::-1]}")
+    elif displacement is None:
+        raise ValueError("overlap_mask needs the displacement or moved_inside")
+    elif displacement.GetSize() != fixed.GetSize():
         raise ValueError(f"displacement grid {displacement.GetSize()} is not the fixed grid {fixed.GetSize()}")
     lps_to_moving = np.linalg.inv(index_to_lps_matrix(moving))
     fixed_to_moving = lps_to_moving @ index_to_lps_matrix(fixed)  # fixed (i, j, k) -> moving (i, j, k)
