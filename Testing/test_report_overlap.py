@@ -16,7 +16,7 @@ from LungUDRNetLib.geometry import field_to_transform, warp_image
 from LungUDRNetLib.io import write_image
 from LungUDRNetLib.phantom import analytic_field, chest_phantom, lung_mask_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig, normalise_ct
-from LungUDRNetLib.registration import RegistrationResult, _warped_ct, in_pixel_type_of, register
+from LungUDRNetLib.registration import RegistrationResult, in_pixel_type_of, register, warp_ct
 from LungUDRNetLib.report import on_fixed_grid, overlap_mask, registration_report, summary_line
 
 SIZE = (40, 36, 32)
@@ -88,7 +88,7 @@ def test_the_warp_says_where_it_holds_moving_data_as_simpleitk_resamples_it(part
     warped scan is the linear warp through that field (to 0.01 HU: float32 rounding) in the moving scan's
     pixel type."""
     fixed, moving, result = partial_pair
-    warped, inside = _warped_ct(moving, fixed, result.transform)
+    warped, inside = warp_ct(moving, fixed, result.transform)
     expected = _inside_moving(moving, fixed, result.displacement)
     assert 0.4 < expected.mean() < 0.6  # the field pulls part of the fixed grid out of the moving scan
     np.testing.assert_array_equal(inside, expected)

@@ -74,9 +74,9 @@ def _pipeline(job: Job) -> float:
     method warps itself)."""
     import SimpleITK as sitk
 
-    from LungUDRNetLib.geometry import warp_image
+    from LungUDRNetLib.geometry import field_to_transform
     from LungUDRNetLib.io import read_image, write_displacement_field, write_image
-    from LungUDRNetLib.registration import in_pixel_type_of
+    from LungUDRNetLib.registration import warp_ct
     from .peers import METHODS, Options, Registered
 
     folder, out = Path(job.pair), Path(job.out)
@@ -88,7 +88,7 @@ def _pipeline(job: Job) -> float:
         displacement, warped = result.displacement, result.warped
     else:
         displacement = result
-        warped = in_pixel_type_of(warp_image(sitk.Cast(moving, sitk.sitkFloat32), displacement), moving)
+        warped, _ = warp_ct(moving, fixed, field_to_transform(displacement))
     write_image(warped, out / "warped.mha")
     write_displacement_field(sitk.Cast(displacement, sitk.sitkVectorFloat32), out / "field.mha")
     return method_s
@@ -135,8 +135,11 @@ def child_main(job_path: str) -> None:
     (Path(job.out) / "result.json").write_text(json.dumps(asdict(result)))
 
 
-def _thread_environment(threads: int) -> dict[str, str]:
-    return {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
+def _run_child(argv: list[str], threads: int, timeout_s: float | None) -> subprocess.CompletedProcess:
+    """``argv`` in a child process with ``threads`` threads per library, its output captured as text
+    (``subprocess.TimeoutExpired`` after ``timeout_s``)."""
+    return subprocess.run(argv, env={**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}},
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout_s)
 
 
 def time_command(job: Job, timeout_s: float | None = None) -> float:
@@ -153,8 +156,7 @@ def time_command(job: Job, timeout_s: float | None = None) -> float:
             *COMMANDS[job.method]]
     started = time.perf_counter()
     try:
-        completed = subprocess.run(argv, env=_thread_environment(job.threads), capture_output=True, text=True,
-                                   encoding="utf-8", errors="replace", timeout=timeout_s)
+        completed = _run_child(argv, job.threads, timeout_s)
     except subprocess.TimeoutExpired:
         log.warning("%s on %s: the register command timed out after %g s", job.method, pair.name, timeout_s)
         return float("nan")
@@ -181,9 +183,8 @@ def run_job(job: Job, timeout_s: float | None = None) -> RunResult:
     job.launched_at = time.time()
     job_path.write_text(json.dumps(asdict(job)))
     try:
-        completed = subprocess.run([sys.executable, "-m", "LungUDRNetBench.runner", str(job_path)],
-                                   env=_thread_environment(job.threads), capture_output=True, text=True,
-                                   encoding="utf-8", errors="replace", timeout=timeout_s)
+        completed = _run_child([sys.executable, "-m", "LungUDRNetBench.runner", str(job_path)], job.threads,
+                               timeout_s)
     except subprocess.TimeoutExpired:
         return RunResult(job.method, Path(job.pair).name, error=f"timed out after {timeout_s:g} s")
     if completed.returncode != 0 or not (out / "result.json").is_file():

@@ -28,7 +28,7 @@ from .affine import prealign
 from .checkpoint import load_model
 from .errors import DeviceError, InputError, ModelError, ResourceError
 from .geometry import (affine_points, bounds_overlap, compose_affine, describe_bounds, field_to_transform,
-                       flow_on_grid, resample_field, voxel_flow_to_field)
+                       flow_on_grid, resample_field, voxel_flow_to_field, warp_image)
 from .instance_optimisation import InstanceOptimisationConfig, feature_voxels, optimise
 from .io import ImageHeader, check_scalar_3d, read_image, read_image_header, rounded_to_integer
 from .lung_mask import lung_mask
@@ -230,12 +230,13 @@ def in_pixel_type_of(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return rounded_to_integer(image, dtype) if np.issubdtype(dtype, np.integer) else image
 
 
-def _warped_ct(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> tuple[sitk.Image, np.ndarray]:
-    """The moving CT resampled onto the fixed grid through ``transform`` (linear; in the moving image's integer
-    pixel type, float32 for a float image; the moving minimum where p + u(p) falls outside it) and where it
-    does not (bool (z, y, x), ITK's inside-the-buffer rule of the linear interpolator)."""
-    values = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, transform,
-                                                  sitk.sitkLinear, np.nan, sitk.sitkFloat32))
+def warp_ct(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform) -> tuple[sitk.Image, np.ndarray]:
+    """The moving CT resampled onto the fixed grid through ``transform`` (fixed LPS mm -> moving LPS mm;
+    linear; in the moving image's integer pixel type, float32 for a float image; the moving minimum where p +
+    u(p) falls outside it) and where it does not (bool (z, y, x), ITK's inside-the-buffer rule of the linear
+    interpolator)."""
+    values = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, default_value=np.nan,
+                                               transform=transform))
     inside = np.isfinite(values)
     values[~inside] = np.min(sitk.GetArrayViewFromImage(moving))
     warped = sitk.GetImageFromArray(values)
@@ -527,7 +528,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
 
     report(0.85, "warping the moving image")
     step = time.perf_counter()
-    warped, moved_inside = _warped_ct(moving_image, fixed_image, transform)
+    warped, moved_inside = warp_ct(moving_image, fixed_image, transform)
     timings["warp"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
     log.debug("network grid %s on %s; seconds: %s", "x".join(map(str, config.grid_shape)), used,

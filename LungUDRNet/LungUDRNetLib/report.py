@@ -39,36 +39,40 @@ def overlap_mask(fixed: sitk.Image, moving: sitk.Image, displacement: sitk.Image
     ``displacement`` is the pull field u (LPS mm) on ``fixed``'s grid; or
     ``moved_inside`` (bool (z, y, x) on that grid, e.g.
     :attr:`.registration.RegistrationResult.moved_inside`) says where p + u(p)
-    lies inside, and no field is needed. Inside means a continuous moving
-    index in [-0.5, size - 0.5) on every axis, the extent where a resampler
-    reads moving data. Computed one fixed slice at a time, from the images'
-    index-to-LPS matrices.
+    lies inside, and no field is needed. Inside as :func:`inside_moving` says.
     """
     if moved_inside is not None:
         if moved_inside.shape != fixed.GetSize()[::-1]:
             raise ValueError(f"moved_inside {moved_inside.shape} is not on the fixed grid {fixed.GetSize()[::-1]}")
     elif displacement is None:
         raise ValueError("overlap_mask needs the displacement or moved_inside")
-    elif displacement.GetSize() != fixed.GetSize():
+    else:
+        moved_inside = inside_moving(fixed, moving, displacement)
+    return inside_moving(fixed, moving) & moved_inside
+
+
+def inside_moving(fixed: sitk.Image, moving: sitk.Image, displacement: sitk.Image | None = None) -> np.ndarray:
+    """Bool array (z, y, x) on ``fixed``'s grid: True where p, or p + u(p) with ``displacement`` (the pull
+    field u, LPS mm, on ``fixed``'s grid), lies inside ``moving``: a continuous moving index in
+    [-0.5, size - 0.5) on every axis, the extent where a resampler reads moving data. Computed one fixed
+    slice at a time, from the images' index-to-LPS matrices."""
+    if displacement is not None and displacement.GetSize() != fixed.GetSize():
         raise ValueError(f"displacement grid {displacement.GetSize()} is not the fixed grid {fixed.GetSize()}")
     lps_to_moving = np.linalg.inv(index_to_lps_matrix(moving))
     fixed_to_moving = lps_to_moving @ index_to_lps_matrix(fixed)  # fixed (i, j, k) -> moving (i, j, k)
     columns, rows, slices = fixed.GetSize()
     i, j = np.arange(columns, dtype=np.float64), np.arange(rows, dtype=np.float64)[:, None]
     upper = np.asarray(moving.GetSize()) - 0.5
-    vectors = None if moved_inside is not None else sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3) LPS mm
-    overlap = np.empty((slices, rows, columns), dtype=bool)
+    vectors = None if displacement is None else sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3) LPS mm
+    inside = np.ones((slices, rows, columns), dtype=bool)
     for k in range(slices):
-        inside = np.ones((rows, columns), dtype=bool) if vectors is not None else moved_inside[k].copy()
         for axis in range(3):
             a = fixed_to_moving[axis]
             index = a[0] * i + a[1] * j + (a[2] * k + a[3])  # moving index of p
-            inside &= (index >= -0.5) & (index < upper[axis])
             if vectors is not None:
-                index += vectors[k] @ lps_to_moving[axis, :3]  # ... of p + u(p)
-                inside &= (index >= -0.5) & (index < upper[axis])
-        overlap[k] = inside
-    return overlap
+                index = index + vectors[k] @ lps_to_moving[axis, :3]  # ... of p + u(p)
+            inside[k] &= (index >= -0.5) & (index < upper[axis])
+    return inside
 
 
 def _similarity(fixed: np.ndarray, other: np.ndarray, region: np.ndarray, prefix: str) -> dict:
