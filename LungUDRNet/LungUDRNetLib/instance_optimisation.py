@@ -117,8 +117,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, pooling: i
     d, shape = dilation, tuple(image.shape[2:])
     if d % pooling or any(n % pooling for n in shape):
         raise ValueError(f"the image size {shape} and the dilation {d} must be multiples of the pooling {pooling}")
-    padded = F.pad(image, (2 * d,) * 6, mode="replicate")
-    extended = tuple(n + 2 * d for n in shape)  # patch distances are needed at x + s for |s| <= d
+    padded = F.pad(image, (2 * d + radius,) * 6, mode="replicate")
+    extended = tuple(n + 2 * (d + radius) for n in shape)  # distances are needed at x + s for |s| <= d + radius
     offsets, placements = [], []  # the distinct offsets; per pair: (its offset, where its distance is read)
     for a, b in _PAIRS:
         offset = tuple((q - p) * d for p, q in zip(_NEIGHBOURS[a], _NEIGHBOURS[b]))
@@ -128,10 +128,12 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, pooling: i
             offsets.append(canonical)
         shift = _NEIGHBOURS[a] if positive else _NEIGHBOURS[b]
         placements.append((offsets.index(canonical), tuple((d + v * d) // pooling for v in shift)))
-    squared = torch.cat([(_block(padded, (d,) * 3, extended) - _block(padded, tuple(d + v for v in offset),
-                                                                          extended)).pow_(2)
-                         for offset in offsets], dim=1)
-    squared = _strided_box_mean(F.pad(squared, (radius,) * 6, mode="replicate"), 2 * radius + pooling, pooling)
+    squared = image.new_empty((1, len(offsets), *extended))
+    centre = _block(padded, (d,) * 3, extended)
+    for channel, offset in enumerate(offsets):
+        neighbour = _block(padded, tuple(d + v for v in offset), extended)
+        torch.sub(centre, neighbour, out=squared[:, channel:channel + 1]).square_()
+    squared = _strided_box_mean(squared, 2 * radius + pooling, pooling)
     size = tuple(n // pooling for n in shape)
     mind = torch.cat([_block(squared[:, [i]], start, size) for i, start in placements], dim=1)
     mind -= mind.min(dim=1, keepdim=True).values
@@ -148,8 +150,8 @@ def _strided_box_mean(volume: torch.Tensor, size: int, stride: int) -> torch.Ten
         count = (volume.shape[axis] - size) // stride + 1
         every_stride = (slice(None),) * axis + (slice(None, None, stride),)
         views = [volume.narrow(axis, offset, (count - 1) * stride + 1)[every_stride] for offset in range(size)]
-        total = views[0].clone()
-        for view in views[1:]:
+        total = views[0] + views[1] if size > 1 else views[0].clone()
+        for view in views[2:]:
             total += view
         volume = total.div_(size)
     return volume

@@ -100,7 +100,8 @@ def min_max(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def normalise_ct(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Window then min-max normalise a HU array (a new float32 array); NaN voxels count as air (-1000 HU)."""
     values = np.array(hu, dtype=np.float32)  # the caller's array stays intact; the steps work in place on it
-    np.nan_to_num(values, copy=False, nan=-1000.0, posinf=3071.0, neginf=-1024.0)
+    if not np.issubdtype(np.asarray(hu).dtype, np.integer):  # integers are finite
+        np.nan_to_num(values, copy=False, nan=-1000.0, posinf=3071.0, neginf=-1024.0)
     return min_max(window(values, config.window_level, config.window_width, out=values), out=values)
 
 
