@@ -1,7 +1,7 @@
 """The displacement field at the resolution it really has (the "native" grid) against the fixed-grid field.
 
 The network predicts a voxel flow on its own grid (64^3 for the bundled
-weights; a 3.5 mm grid after instance optimisation) whose values define a trilinear field. The
+weights; a 2.5 mm grid after instance optimisation) whose values define a trilinear field. The
 native field keeps exactly those values on that grid, extended by whole nodes
 (the nearest edge value) until it covers the fixed image; the fixed-grid field
 is the native field sampled at every fixed voxel. So at fixed voxel centres the

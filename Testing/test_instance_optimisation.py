@@ -213,10 +213,36 @@ def test_the_bundled_weights_carry_their_settings():
     assert optimisation_for(info).iterations > 0
 
 
+def test_the_last_steps_run_on_the_finer_grid():
+    config = InstanceOptimisationConfig(iterations=3, grid_spacing_mm=4.0, refinement_iterations=1,
+                                        refinement_grid_spacing_mm=2.5)
+    assert config.levels() == [(4.0, 2), (2.5, 1)]
+    assert dataclasses.replace(config, iterations=1).levels() == [(2.5, 1)]
+    assert dataclasses.replace(config, iterations=0).levels() == []
+    assert dataclasses.replace(config, refinement_iterations=0).levels() == [(4.0, 3)]
+    with pytest.raises(ValueError, match="refinement_grid_spacing_mm"):
+        InstanceOptimisationConfig(refinement_grid_spacing_mm=0.0)
+
+
+def test_a_refinement_step_that_folds_falls_back_to_the_coarse_steps():
+    fixed, moving, _ = _breathing_pair(shift_mm=6.0)
+    grid = network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32)))
+    start = np.zeros((3, 32, 32, 32), np.float32)
+    config = InstanceOptimisationConfig(iterations=3, smoothness_weight=0.01, grid_spacing_mm=6.0,
+                                        refinement_grid_spacing_mm=1.5)  # the 1.5 mm step folds this pair
+    guarded = optimise(start, grid, fixed, moving, PreprocessConfig(), config, max_folded_percent=0.1)
+    coarse = optimise(start, grid, fixed, moving, PreprocessConfig(),
+                      dataclasses.replace(config, iterations=2, refinement_iterations=0))
+    assert guarded.steps == 2 and guarded.dropped_folded_percent > 0.1 >= guarded.folded_percent
+    assert guarded.grid.GetSize() == coarse.grid.GetSize() and guarded.grid.GetSpacing()[0] == pytest.approx(6.0)
+    np.testing.assert_array_equal(guarded.flow, coarse.flow)
+
+
 def test_instance_optimisation_keeps_the_last_step_that_does_not_fold(caplog):
     fixed, moving, _ = _breathing_pair(shift_mm=6.0)
     model = untrained_model(PreprocessConfig(grid_shape=(32, 32, 32)))
-    loose = InstanceOptimisationConfig(iterations=6, smoothness_weight=1e-4, grid_spacing_mm=2.0)  # barely regularised
+    loose = InstanceOptimisationConfig(iterations=6, smoothness_weight=1e-4, grid_spacing_mm=2.0,
+                                       refinement_iterations=0)  # barely regularised, on one grid
     grid = network_grid(fixed, model[1])
     start = np.zeros((3, 32, 32, 32), np.float32)
     free = optimise(start, grid, fixed, moving, model[1], loose)

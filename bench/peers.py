@@ -119,7 +119,8 @@ def _network_field(fixed: sitk.Image, moving: sitk.Image, weights: str | None, n
     model, preprocess, info = _network_model(weights, name)
     optimisation = optimisation_for(info, fast)
     if optimisation is not None:
-        optimisation = replace(optimisation, iterations=optimisation.iterations * iterations_factor)
+        optimisation = replace(optimisation, iterations=optimisation.iterations * iterations_factor,
+                               refinement_iterations=optimisation.refinement_iterations * iterations_factor)
     result = register(fixed, moving, model=(model, preprocess, info), device="cpu", fast=fast,
                       optimisation=optimisation, affine=pipeline, never_worse=pipeline)
     return Registered(result.displacement, result.warped)

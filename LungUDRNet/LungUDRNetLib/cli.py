@@ -89,8 +89,9 @@ def add_register_parser(subparsers) -> None:
     parser.add_argument("--fast", action="store_true",
                         help=f"the network's field only, without instance optimisation on this pair ({SPEED_NOTE})")
     parser.add_argument("--iterations", type=int, metavar="N",
-                        help="Gauss-Newton iterations of instance optimisation (default: the model's setting, "
-                             "3 for the bundled weights; more: slower, rarely more exact)")
+                        help="Gauss-Newton steps of instance optimisation in all, the model's last ones on its finer "
+                             "grid (default: the model's setting; the bundled weights: 3, two on a 4 mm grid, then "
+                             "one on a 2.5 mm grid; more: slower, rarely more exact)")
     parser.add_argument("--displacement-grid", choices=("native", "fixed"), default="native",
                         help="grid of displacement.nii.gz: 'native' = the resolution the field really has, "
                              "the displacement grid of instance optimisation (the network grid with --fast) "

@@ -11,11 +11,14 @@ Grids: the *displacement grid* covers a given box, in :func:`.registration.regis
 the fixed lungs' box plus the network's ROI margin (:func:`.preprocess.lung_box_grid`;
 its outer voxel faces), at about ``grid_spacing_mm``; the features are computed on the
 grid ``feature_pooling`` times finer per axis over the same box and averaged
-down onto the displacement grid. Each of ``iterations`` Gauss-Newton steps
-warps the moving features by the current field, linearises their difference
-to the fixed features, and solves the linearised problem with a diffusion
-regulariser (weight ``smoothness_weight``) by ``solver_sweeps`` Jacobi sweeps
-(a multi-channel Horn-Schunck step). Fields are voxel flows [3, D, H, W] as
+down onto the displacement grid. Each Gauss-Newton step warps the moving
+features by the current field, linearises their difference to the fixed
+features, and solves the linearised problem with a diffusion regulariser
+(weight ``smoothness_weight``) by ``solver_sweeps`` Jacobi sweeps (a
+multi-channel Horn-Schunck step). Of the ``iterations`` steps, the last
+``refinement_iterations`` run on a finer displacement grid (about
+``refinement_grid_spacing_mm``, with its own features): the coarse steps
+bring the field close cheaply, the fine ones resolve it. Fields are voxel flows [3, D, H, W] as
 in :mod:`.geometry`; arrays (D, H, W).
 """
 
@@ -47,8 +50,10 @@ _PAIRS = tuple((a, b) for a in range(6) for b in range(a + 1, 6)
 class InstanceOptimisationConfig:
     """Settings of instance optimisation; a model stores its own in its metadata (``METADATA_KEY``).
 
-    ``iterations``: Gauss-Newton steps (0: the network's field as it is).
+    ``iterations``: Gauss-Newton steps in all (0: the network's field as it is).
     ``grid_spacing_mm``: target voxel size of the displacement grid.
+    ``refinement_iterations``: how many of the last steps run on a finer displacement grid (0: none).
+    ``refinement_grid_spacing_mm``: target voxel size of that finer grid.
     ``feature_pooling``: the features are computed on a grid this many times finer per axis.
     ``smoothness_weight``: weight of the diffusion regulariser (displacement-grid voxels).
     ``solver_sweeps``: Jacobi sweeps per Gauss-Newton step.
@@ -56,7 +61,9 @@ class InstanceOptimisationConfig:
     """
 
     iterations: int = 3
-    grid_spacing_mm: float = 3.5
+    grid_spacing_mm: float = 4.0
+    refinement_iterations: int = 1
+    refinement_grid_spacing_mm: float = 2.5
     feature_pooling: int = 2
     smoothness_weight: float = 0.025
     solver_sweeps: int = 20
@@ -64,14 +71,20 @@ class InstanceOptimisationConfig:
     mind_dilation: int = 2
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.solver_sweeps < 0:
-            raise ValueError("iterations and solver_sweeps must not be negative")
-        if not (self.grid_spacing_mm > 0 and self.smoothness_weight > 0):
-            raise ValueError("grid_spacing_mm and smoothness_weight must be > 0")
+        if min(self.iterations, self.refinement_iterations, self.solver_sweeps) < 0:
+            raise ValueError("iterations, refinement_iterations and solver_sweeps must not be negative")
+        if not (self.grid_spacing_mm > 0 and self.refinement_grid_spacing_mm > 0 and self.smoothness_weight > 0):
+            raise ValueError("grid_spacing_mm, refinement_grid_spacing_mm and smoothness_weight must be > 0")
         if self.feature_pooling < 1 or self.mind_radius < 0 or self.mind_dilation < 1:
             raise ValueError("feature_pooling and mind_dilation must be >= 1, mind_radius >= 0")
         if self.mind_dilation % self.feature_pooling:
             raise ValueError("mind_dilation must be a multiple of feature_pooling")
+
+    def levels(self) -> list[tuple[float, int]]:
+        """(displacement grid spacing in mm, Gauss-Newton steps) of each grid in turn, those with steps only."""
+        fine = min(self.refinement_iterations, self.iterations)
+        return [(spacing, steps) for spacing, steps in ((self.grid_spacing_mm, self.iterations - fine),
+                                                        (self.refinement_grid_spacing_mm, fine)) if steps]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,8 +102,8 @@ class InstanceOptimisationConfig:
 @dataclass
 class OptimisedField:
     """The result: a voxel flow [3, D, H, W] on ``grid`` after ``steps`` Gauss-Newton steps, its share of folded
-    cells (det J <= 0, %), that of the field it started from on the same grid, and that of the last step when
-    it was left out for folding too much (else None)."""
+    cells (det J <= 0, %), that of the field it started from (on the first level's grid), and that of the last
+    step when it was left out for folding too much (else None)."""
 
     flow: np.ndarray
     grid: sitk.Image
@@ -162,19 +175,25 @@ def _block(volume: torch.Tensor, start: tuple[int, int, int], size: tuple[int, i
     return volume[..., start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
 
 
-def displacement_shape(extent_mm, config: InstanceOptimisationConfig) -> list[int]:
-    """Voxels (x, y, z) of the displacement grid over a box of ``extent_mm`` (mm along x, y, z)."""
-    return [max(2, math.ceil(float(e) / config.grid_spacing_mm)) for e in extent_mm]
+def displacement_shape(extent_mm, spacing_mm: float) -> list[int]:
+    """Voxels (x, y, z) of a displacement grid of about ``spacing_mm`` over a box of ``extent_mm`` (mm along x, y,
+    z)."""
+    return [max(2, math.ceil(float(e) / spacing_mm)) for e in extent_mm]
 
 
 def feature_voxels(extent_mm, config: InstanceOptimisationConfig) -> int:
-    """Voxels of the feature grid over a box of ``extent_mm`` (mm along x, y, z)."""
-    return math.prod(n * config.feature_pooling for n in displacement_shape(extent_mm, config))
+    """Voxels of the largest feature grid of ``config``'s levels over a box of ``extent_mm`` (mm along x, y, z)."""
+    return max((math.prod(n * config.feature_pooling for n in displacement_shape(extent_mm, spacing))
+                for spacing, _ in config.levels()), default=0)
 
 
-def optimisation_grids(grid: sitk.Image, config: InstanceOptimisationConfig) -> tuple[sitk.Image, sitk.Image]:
-    """The displacement grid and the feature grid over ``grid``'s box (see the module docstring)."""
-    shape = displacement_shape(np.asarray(grid.GetSize()) * np.asarray(grid.GetSpacing()), config)
+def optimisation_grids(grid: sitk.Image, config: InstanceOptimisationConfig,
+                       spacing_mm: float | None = None) -> tuple[sitk.Image, sitk.Image]:
+    """The displacement grid of about ``spacing_mm`` (default: that of the last level, where the result lies)
+    and its feature grid over ``grid``'s box (see the module docstring)."""
+    if spacing_mm is None:
+        spacing_mm = config.levels()[-1][0] if config.levels() else config.grid_spacing_mm
+    shape = displacement_shape(np.asarray(grid.GetSize()) * np.asarray(grid.GetSpacing()), spacing_mm)
     return resized_grid(grid, shape), resized_grid(grid, [n * config.feature_pooling for n in shape])
 
 
@@ -285,29 +304,35 @@ def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, 
     pre-alignment) maps the moving image before the flow, as for the network;
     ``preprocess`` gives the CT window. The optimisation covers the box of the
     image ``box`` (default: ``start_grid``'s). With ``max_folded_percent``, the
-    result is the last step whose field folds no more than that share of the
+    result is the last step whose field folds no more than that share of its
     grid (or than the start, if more), the start itself when none does; a step
     may fold where a later one does not. Returns the optimised flow on the
-    displacement grid (:func:`optimisation_grids`).
+    displacement grid of its last step (:func:`optimisation_grids`).
     """
-    grid, feature_grid = optimisation_grids(start_grid if box is None else box, config)
-    fixed_features = _features(fixed, feature_grid, preprocess, config, device)
-    moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
-    start = torch.from_numpy(flow_on_grid(start_flow, start_grid, grid))[None].to(device)
+    box = start_grid if box is None else box
+    fields = []  # the field after each step, on its displacement grid
+    flow, grid = start_flow, start_grid
     with torch.inference_mode():
-        start_folded = folded_percent(start)
+        for level, (spacing, steps) in enumerate(config.levels() or [(config.grid_spacing_mm, 0)]):
+            level_grid, feature_grid = optimisation_grids(box, config, spacing)
+            flow = torch.from_numpy(flow_on_grid(flow, grid, level_grid))[None].to(device)
+            if level == 0:
+                start = flow, level_grid, folded_percent(flow)
+            if steps:
+                fixed_features = _features(fixed, feature_grid, preprocess, config, device)
+                moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
+            for _ in range(steps):
+                flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
+                fields.append((flow, level_grid))
+            flow, grid = flow[0].cpu().numpy(), level_grid
+        start_folded = start[2]
         limit = math.inf if max_folded_percent is None else max(max_folded_percent, start_folded)
-        flow = start
-        for _ in range(config.iterations):
-            flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
-        folded = folded_percent(flow)
-        if folded <= limit:
-            return OptimisedField(flow[0].cpu().numpy(), grid, folded, start_folded, config.iterations)
-        # rare: the last step folds too much. The steps are repeated (they are deterministic), each one measured
-        kept, kept_folded, steps, flow = start, start_folded, 0, start
-        for step in range(1, config.iterations):
-            flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
-            step_folded = folded_percent(flow)
-            if step_folded <= limit:
-                kept, kept_folded, steps = flow, step_folded, step
-        return OptimisedField(kept[0].cpu().numpy(), grid, kept_folded, start_folded, steps, folded)
+        last_folded = None  # that of the last step
+        for steps in range(len(fields), 0, -1):  # rare: the last step folds too much; earlier ones are measured
+            step_flow, step_grid = fields[steps - 1]
+            folded = folded_percent(step_flow)
+            last_folded = folded if last_folded is None else last_folded
+            if folded <= limit:
+                return OptimisedField(step_flow[0].cpu().numpy(), step_grid, folded, start_folded, steps,
+                                      None if steps == len(fields) else last_folded)
+        return OptimisedField(start[0][0].cpu().numpy(), start[1], start_folded, start_folded, 0, last_folded)

@@ -385,7 +385,7 @@ def check_register_memory(headers: dict[str, ImageHeader], net: RegistrationUNet
     fixed, moving = headers["fixed image"], headers["moving image"]
     masks = tuple(header for name, header in headers.items() if "mask" in name)
     features = None
-    if optimisation is not None and optimisation.iterations:
+    if optimisation is not None and optimisation.levels():
         features = feature_voxels(largest_lung_box_mm(fixed, config), optimisation)
     needed = registration_bytes(fixed, moving, config.grid_shape, net.config, masks, report, features)
     size = "x".join(map(str, fixed.size))
@@ -487,7 +487,7 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
     kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, branches, candidates, never_worse)
     timings["choice"] += time.perf_counter() - step
 
-    optimising = optimisation is not None and optimisation.iterations > 0
+    optimising = optimisation is not None and bool(optimisation.levels())
     optimised_scored = False  # whether an optimised field was scored against the earlier stages
     if optimising:
         report(0.5, f"instance optimisation on this pair ({optimisation.iterations} iterations)")
