@@ -255,7 +255,7 @@ def test_top_level_help_is_plain_text_listing_every_subcommand(capsys, monkeypat
 # Each default once, right before the next option's name.
 @pytest.mark.parametrize("command, expected", [
     ("register", "--device DEVICE auto, cpu, cuda or mps (default: auto) --fixed-mask"),
-    ("register", "weights; more: slower, rarely more exact) --displacement-grid"),
+    ("register", "mm grid; more: slower, rarely more exact) --displacement-grid"),
     ("register", "(12 bytes per fixed voxel) (default: native) --no-affine"),
     ("demo", "--out OUT output folder (default: demo_output) --device DEVICE auto, cpu, cuda or mps (default: auto) "
              "--model"),
