@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from LungUDRNetLib.checkpoint import DEFAULT_WEIGHTS, load_model, save_checkpoint, untrained_model
 from LungUDRNetLib.errors import InputError, ModelError
 from LungUDRNetLib.geometry import transform_points, voxel_flow_to_field
-from LungUDRNetLib.instance_optimisation import (METADATA_KEY, InstanceOptimisationConfig, folded_percent,
-                                                 _channel_mean_of_product, _strided_box_mean,
-                                                 _symmetric_inverse, mind_ssc, optimisation_grids, optimise,
+from LungUDRNetLib.instance_optimisation import (FOLDING_RETRIES, METADATA_KEY, InstanceOptimisationConfig,
+                                                 _channel_mean_of_product, _strided_box_mean, _symmetric_inverse,
+                                                 folded_percent, mind_ssc, optimisation_grids, optimise,
                                                  spatial_gradient)
 from LungUDRNetLib.phantom import chest_phantom, make_grid
 from LungUDRNetLib.preprocess import PreprocessConfig, lung_box_grid, network_grid
@@ -224,17 +224,33 @@ def test_the_last_steps_run_on_the_finer_grid():
         InstanceOptimisationConfig(refinement_grid_spacing_mm=0.0)
 
 
-def test_a_refinement_step_that_folds_falls_back_to_the_coarse_steps():
+def test_a_field_that_folds_is_fitted_again_with_more_smoothness():
     fixed, moving, _ = _breathing_pair(shift_mm=6.0)
     grid = network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32)))
     start = np.zeros((3, 32, 32, 32), np.float32)
     config = InstanceOptimisationConfig(iterations=3, smoothness_weight=0.01, grid_spacing_mm=6.0,
-                                        refinement_grid_spacing_mm=1.5)  # the 1.5 mm step folds this pair
+                                        refinement_grid_spacing_mm=1.5)  # its 1.5 mm step folds this pair
+    free = optimise(start, grid, fixed, moving, PreprocessConfig(), config)
+    guarded = optimise(start, grid, fixed, moving, PreprocessConfig(), config, max_folded_percent=0.1)
+    smoother = optimise(start, grid, fixed, moving, PreprocessConfig(),
+                        dataclasses.replace(config, smoothness_weight=0.02))
+    assert free.folded_percent > 0.1 and free.smoothness_weight == 0.01
+    assert guarded.steps == 3 and guarded.smoothness_weight == 0.02 and guarded.folded_percent <= 0.1
+    np.testing.assert_array_equal(guarded.flow, smoother.flow)
+
+
+def test_a_refinement_step_that_still_folds_falls_back_to_the_coarse_steps():
+    fixed, moving, _ = _breathing_pair(shift_mm=6.0)
+    grid = network_grid(fixed, PreprocessConfig(grid_shape=(32, 32, 32)))
+    start = np.zeros((3, 32, 32, 32), np.float32)
+    config = InstanceOptimisationConfig(iterations=3, smoothness_weight=0.0025, grid_spacing_mm=8.0,
+                                        refinement_grid_spacing_mm=1.5)  # folds at 1.5 mm even with 4x the weight
     guarded = optimise(start, grid, fixed, moving, PreprocessConfig(), config, max_folded_percent=0.1)
     coarse = optimise(start, grid, fixed, moving, PreprocessConfig(),
-                      dataclasses.replace(config, iterations=2, refinement_iterations=0))
+                      dataclasses.replace(config, iterations=2, refinement_iterations=0, smoothness_weight=0.01))
     assert guarded.steps == 2 and guarded.dropped_folded_percent > 0.1 >= guarded.folded_percent
-    assert guarded.grid.GetSize() == coarse.grid.GetSize() and guarded.grid.GetSpacing()[0] == pytest.approx(6.0)
+    assert guarded.smoothness_weight == 0.01  # the last try's
+    assert guarded.grid.GetSize() == coarse.grid.GetSize() and guarded.grid.GetSpacing()[0] == pytest.approx(8.0)
     np.testing.assert_array_equal(guarded.flow, coarse.flow)
 
 
@@ -248,8 +264,10 @@ def test_instance_optimisation_keeps_the_last_step_that_does_not_fold(caplog):
     free = optimise(start, grid, fixed, moving, model[1], loose)
     assert free.steps == 6 and free.folded_percent > 0.1 and free.start_folded_percent == 0.0
     guarded = optimise(start, grid, fixed, moving, model[1], loose, max_folded_percent=0.1)
-    assert guarded.steps < 6 and guarded.folded_percent <= 0.1 and guarded.dropped_folded_percent == free.folded_percent
-    later = [optimise(start, grid, fixed, moving, model[1], dataclasses.replace(loose, iterations=steps))
+    final = dataclasses.replace(loose, smoothness_weight=loose.smoothness_weight * 2 ** FOLDING_RETRIES)  # last try
+    assert guarded.steps < 6 and guarded.folded_percent <= 0.1 and guarded.smoothness_weight == final.smoothness_weight
+    assert guarded.dropped_folded_percent == optimise(start, grid, fixed, moving, model[1], final).folded_percent
+    later = [optimise(start, grid, fixed, moving, model[1], dataclasses.replace(final, iterations=steps))
              for steps in range(guarded.steps, 6)]
     np.testing.assert_array_equal(guarded.flow, later[0].flow)  # its steps, as a shorter run makes them
     assert all(run.folded_percent > 0.1 for run in later[1:])  # and no later step folds less

@@ -28,7 +28,7 @@ CORE_COMMANDS = ("register", "demo", "lung-mask")  # the subcommands this packag
 SPEED_NOTE = ("on a 192x192x208 breathing pair the whole register command took 5.3-6.0 s, 3.9-4.6 s with "
               "--fast; on the bench's 7 breathing pairs mean TRE 0.33 mm, 1.54 mm with --fast (bench of 2026-12-06, "
               "2-core CPU)")
-NATIVE_NOTE = ("e.g. 97x71x106 nodes, 8.8 MB, for a 192x192x208 pair whose field on the fixed grid takes 92 MB; "
+NATIVE_NOTE = ("e.g. 137x98x148 nodes, 24 MB, for a 192x192x208 pair whose field on the fixed grid takes 92 MB; "
                "measured 2026-12-06")
 AddParsers = Callable[[argparse._SubParsersAction], None]
 
@@ -94,8 +94,8 @@ def add_register_parser(subparsers) -> None:
                              "one on a 2.5 mm grid; more: slower, rarely more exact)")
     parser.add_argument("--displacement-grid", choices=("native", "fixed"), default="native",
                         help="grid of displacement.nii.gz: 'native' = the resolution the field really has, "
-                             "the displacement grid of instance optimisation (the network grid with --fast) "
-                             "extended to cover the fixed image, which "
+                             "the displacement grid of instance optimisation's last step (the network grid with "
+                             "--fast) extended to cover the fixed image, which "
                              f"tools interpolate to the same field at every fixed voxel ({NATIVE_NOTE}); 'fixed' = "
                              "the fixed image's own grid, for tools that need it there (12 bytes per fixed voxel)")
     parser.add_argument("--no-affine", dest="affine", action="store_false",

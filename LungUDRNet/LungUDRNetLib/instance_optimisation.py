@@ -38,6 +38,7 @@ from .preprocess import PreprocessConfig, normalise_ct, to_grid
 from .warp import warp
 
 METADATA_KEY = "instance_optimisation"  # where a checkpoint's metadata holds the settings
+FOLDING_RETRIES = 2  # times the steps are repeated, with twice the smoothness weight each time, while the last folds
 
 # The six neighbours of a voxel (unit steps along each axis, scaled by the dilation) and the twelve pairs of
 # them that are sqrt(2) steps apart: the self-similarity context of MIND-SSC.
@@ -66,7 +67,7 @@ class InstanceOptimisationConfig:
     refinement_grid_spacing_mm: float = 2.5
     feature_pooling: int = 2
     smoothness_weight: float = 0.025
-    solver_sweeps: int = 20
+    solver_sweeps: int = 30
     mind_radius: int = 1
     mind_dilation: int = 2
 
@@ -101,15 +102,16 @@ class InstanceOptimisationConfig:
 
 @dataclass
 class OptimisedField:
-    """The result: a voxel flow [3, D, H, W] on ``grid`` after ``steps`` Gauss-Newton steps, its share of folded
-    cells (det J <= 0, %), that of the field it started from (on the first level's grid), and that of the last
-    step when it was left out for folding too much (else None)."""
+    """The result: a voxel flow [3, D, H, W] on ``grid`` after ``steps`` Gauss-Newton steps with diffusion weight
+    ``smoothness_weight``, its share of folded cells (det J <= 0, %), that of the field it started from (on the
+    first level's grid), and that of the last step when it was left out for folding too much (else None)."""
 
     flow: np.ndarray
     grid: sitk.Image
     folded_percent: float
     start_folded_percent: float
     steps: int
+    smoothness_weight: float
     dropped_folded_percent: float | None = None
 
 
@@ -239,10 +241,11 @@ def _neighbour_mean(flow: torch.Tensor) -> torch.Tensor:
 
 
 def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_features: torch.Tensor,
-                       config: InstanceOptimisationConfig) -> torch.Tensor:
+                       config: InstanceOptimisationConfig, smoothness_weight: float) -> torch.Tensor:
     """One linearisation of the feature difference about ``flow`` [1, 3, D, H, W], solved with the diffusion
     regulariser by Jacobi sweeps: v <- (A + 6 w I)^-1 (A u + b + 6 w mean_of_neighbours(v)), where A and b are
-    the normal equations of the linearised difference per voxel and w is ``smoothness_weight``."""
+    the normal equations of the linearised difference per voxel and w is ``smoothness_weight``; ``config`` gives
+    the sweeps."""
     warped = warp(moving_features, flow)[0]  # [C, D, H, W]
     gradient = spatial_gradient(warped)
     residual = fixed_features[0].sub(warped)
@@ -251,7 +254,7 @@ def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_
         for j in range(i, 3):
             normal[i, j] = normal[j, i] = _channel_mean_of_product(gradient[i], gradient[j])
     rhs = torch.stack([_channel_mean_of_product(g, residual) for g in gradient]) + _times(normal, flow[0])
-    weight = 6.0 * config.smoothness_weight
+    weight = 6.0 * smoothness_weight
     for i in range(3):
         normal[i, i] += weight
     inverse = _symmetric_inverse(normal)
@@ -303,36 +306,46 @@ def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, 
     ``moving_transform`` (fixed LPS mm -> moving LPS mm, e.g. the affine
     pre-alignment) maps the moving image before the flow, as for the network;
     ``preprocess`` gives the CT window. The optimisation covers the box of the
-    image ``box`` (default: ``start_grid``'s). With ``max_folded_percent``, the
-    result is the last step whose field folds no more than that share of its
-    grid (or than the start, if more), the start itself when none does; a step
-    may fold where a later one does not. Returns the optimised flow on the
-    displacement grid of its last step (:func:`optimisation_grids`).
+    image ``box`` (default: ``start_grid``'s). With ``max_folded_percent``,
+    while the last step's field folds more than that share of its grid (or
+    than the start, if more), the steps are repeated with twice the smoothness
+    weight, at most ``FOLDING_RETRIES`` times; if it still does, the result is
+    the last step of the final try that does not, the start itself when none
+    does (a step may fold where a later one does not). Returns the optimised
+    flow on the displacement grid of its last step (:func:`optimisation_grids`).
     """
     box = start_grid if box is None else box
-    fields = []  # the field after each step, on its displacement grid
-    flow, grid = start_flow, start_grid
+    levels = config.levels()
+    grids = [optimisation_grids(box, config, spacing) for spacing, _ in levels] or [optimisation_grids(box, config)]
+    features = [None] * len(levels)  # (fixed, moving) features of each level, computed once
     with torch.inference_mode():
-        for level, (spacing, steps) in enumerate(config.levels() or [(config.grid_spacing_mm, 0)]):
-            level_grid, feature_grid = optimisation_grids(box, config, spacing)
-            flow = torch.from_numpy(flow_on_grid(flow, grid, level_grid))[None].to(device)
-            if level == 0:
-                start = flow, level_grid, folded_percent(flow)
-            if steps:
-                fixed_features = _features(fixed, feature_grid, preprocess, config, device)
-                moving_features = _features(moving, feature_grid, preprocess, config, device, moving_transform)
-            for _ in range(steps):
-                flow = _gauss_newton_step(flow, fixed_features, moving_features, config)
-                fields.append((flow, level_grid))
-            flow, grid = flow[0].cpu().numpy(), level_grid
-        start_folded = start[2]
+        first = torch.from_numpy(flow_on_grid(start_flow, start_grid, grids[0][0]))[None].to(device)
+        start_folded = folded_percent(first)
         limit = math.inf if max_folded_percent is None else max(max_folded_percent, start_folded)
-        last_folded = None  # that of the last step
-        for steps in range(len(fields), 0, -1):  # rare: the last step folds too much; earlier ones are measured
-            step_flow, step_grid = fields[steps - 1]
-            folded = folded_percent(step_flow)
-            last_folded = folded if last_folded is None else last_folded
+        for attempt in range(FOLDING_RETRIES + 1):
+            weight = config.smoothness_weight * 2 ** attempt
+            fields = []  # the field after each step, on its displacement grid
+            flow = first
+            for level, (_, steps) in enumerate(levels):
+                level_grid, feature_grid = grids[level]
+                if level:
+                    flow = torch.from_numpy(flow_on_grid(flow[0].cpu().numpy(), grids[level - 1][0], level_grid))
+                    flow = flow[None].to(device)
+                if features[level] is None:
+                    features[level] = (_features(fixed, feature_grid, preprocess, config, device),
+                                       _features(moving, feature_grid, preprocess, config, device, moving_transform))
+                for _ in range(steps):
+                    flow = _gauss_newton_step(flow, *features[level], config, weight)
+                    fields.append((flow, level_grid))
+            if not fields:
+                return OptimisedField(first[0].cpu().numpy(), grids[0][0], start_folded, start_folded, 0, weight)
+            folded = folded_percent(flow)
             if folded <= limit:
-                return OptimisedField(step_flow[0].cpu().numpy(), step_grid, folded, start_folded, steps,
-                                      None if steps == len(fields) else last_folded)
-        return OptimisedField(start[0][0].cpu().numpy(), start[1], start_folded, start_folded, 0, last_folded)
+                return OptimisedField(flow[0].cpu().numpy(), fields[-1][1], folded, start_folded, len(fields), weight)
+        for count in range(len(fields) - 1, 0, -1):  # rare: the last step folds too much; earlier ones are measured
+            step_flow, step_grid = fields[count - 1]
+            step_folded = folded_percent(step_flow)
+            if step_folded <= limit:
+                return OptimisedField(step_flow[0].cpu().numpy(), step_grid, step_folded, start_folded, count, weight,
+                                      folded)
+        return OptimisedField(first[0].cpu().numpy(), grids[0][0], start_folded, start_folded, 0, weight, folded)

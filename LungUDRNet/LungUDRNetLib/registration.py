@@ -501,9 +501,13 @@ def register(fixed, moving, model=None, device: str = "auto", fixed_mask=None, m
                            flow_on_grid(result.flow, result.grid, grid))
         if result.steps < optimisation.iterations:
             log.warning("instance optimisation: its field after %d steps folded %.2f%% of its grid (more than %g%% "
-                        "and than the %.2f%% of the field it started from); %s", optimisation.iterations,
-                        result.dropped_folded_percent, MAX_FOLDED_PERCENT, result.start_folded_percent,
+                        "and than the %.2f%% of the field it started from), even with %g times the smoothness "
+                        "weight; %s", optimisation.iterations, result.dropped_folded_percent, MAX_FOLDED_PERCENT,
+                        result.start_folded_percent, result.smoothness_weight / optimisation.smoothness_weight,
                         f"the field after step {result.steps} is used" if result.steps else "its field is not used")
+        elif result.smoothness_weight > optimisation.smoothness_weight:
+            log.info("instance optimisation: smoothness weight raised to %g, the field folded more than %g%% of its "
+                     "grid with %g", result.smoothness_weight, MAX_FOLDED_PERCENT, optimisation.smoothness_weight)
         if result.steps:
             optimised_scored = True
             kept, scores = _choose(fixed_net, fixed_lungs_net, moving_image, [*branches, optimised],
