@@ -15,9 +15,10 @@ overlap in time:
   the report (``lungudrnet register``), also its similarity and Jacobian
   temporaries;
 * with instance optimisation, ``OPTIMISATION_BYTES`` per voxel of its
-  feature grid (the MIND-SSC channels and their temporaries, then the Adam
-  state and autograd on the coarser displacement grid), added to the
-  fixed-grid stage because the allocator keeps much of it afterwards.
+  largest feature grid (the MIND-SSC channels and their temporaries, then
+  the Gauss-Newton normal equations on the coarser displacement grid; the
+  coarser level's features are small beside them), added to the fixed-grid
+  stage because the allocator keeps much of it afterwards.
 
 The coefficients were calibrated on CPU with the peak resident memory
 (``ru_maxrss``) of ``lungudrnet register`` in a fresh process, for fixed and
