@@ -27,7 +27,7 @@ CORE_COMMANDS = ("register", "demo", "lung-mask")  # the subcommands this packag
 # Measured figures quoted by --help (the same sentences are in the README and the panel: one fact, one figure).
 SPEED_NOTE = ("on a 192x192x208 breathing pair the whole register command took 5.8-8.5 s, 4.5-5.8 s with "
               "--fast; on the bench's 7 breathing pairs mean TRE 0.25 mm, 1.54 mm with --fast (bench of 2026-12-06 "
-              "12:48 UTC, 2-core CPU in a slow period)")
+              "12:43 UTC, 2-core CPU in a slow period)")
 NATIVE_NOTE = ("e.g. 137x98x148 nodes, 24 MB, for a 192x192x208 pair whose field on the fixed grid takes 92 MB; "
                "measured 2026-12-06")
 AddParsers = Callable[[argparse._SubParsersAction], None]
