@@ -138,17 +138,19 @@ def test_tiny_volumes_under_the_network_minimum_are_registered_on_their_own_grid
     fixed = sitk.Resample(fixed_phantom(), make_grid((6, 5, 4), (12.0, 12.0, 15.0), (-30.0, -24.0, -22.0)),
                           sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
     moving = sitk.Resample(moving_phantom(), make_grid((7, 3, 5), (10.0, 20.0, 12.0), (-30.0, -24.0, -24.0)))
-    result = _register(fixed, moving)
-    assert result.displacement.GetSize() == result.warped.GetSize() == (6, 5, 4)
-    assert result.grid.GetSize() == TINY_GRID
-    assert np.isfinite(array(result.displacement)).all()
+    network = _register(fixed, moving, fast=True)
+    assert network.grid.GetSize() == TINY_GRID
+    for result in (network, _register(fixed, moving)):  # the network alone, and with instance optimisation
+        assert result.displacement.GetSize() == result.warped.GetSize() == (6, 5, 4)
+        assert np.isfinite(array(result.displacement)).all()
 
 
 def test_fixed_and_moving_differ_in_size_spacing_origin_direction_and_pixel_type():
     fixed = fixed_phantom()  # int16, oblique and flipped
     moving = sitk.Cast(moving_phantom(), sitk.sitkFloat64)
-    result = _register(fixed, moving, affine=False)
-    for output in (result.warped, result.displacement):
+    result = _register(fixed, moving, affine=False, fast=True)
+    optimised = _register(fixed, moving, affine=False)  # with instance optimisation
+    for output in (result.warped, result.displacement, optimised.warped, optimised.displacement):
         assert output.GetSize() == fixed.GetSize()
         np.testing.assert_allclose(output.GetDirection(), fixed.GetDirection(), atol=1e-9)
     # The untrained network barely moves anything: warped = moving resampled onto the fixed grid.
