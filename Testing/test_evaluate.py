@@ -92,7 +92,7 @@ def test_checkpoints_give_per_pair_tables_and_the_papers_three_tables(toy, tmp_p
     assert float(summary["UDRNet (3D VoxelMorph + scHAF)"]["after_ncc_percent_std"]) == pytest.approx(np.std(values))
     udrnet_row = next(row for row in body if row[0].startswith("UDRNet"))
     assert udrnet_row[2] == f"{np.mean(values):.2f} ± {np.std(values):.2f}"
-    report = (out / "evaluation.md").read_text()
+    report = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "## UDRNet (3D VoxelMorph + scHAF): per pair" in report and "| Toy_0003 |" in report
     assert "## 3D AttUNet: per pair" in report
 

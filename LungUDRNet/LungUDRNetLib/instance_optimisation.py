@@ -194,7 +194,7 @@ def optimisation_grids(grid: sitk.Image, config: InstanceOptimisationConfig,
     """The displacement grid of about ``spacing_mm`` (default: that of the last level, where the result lies)
     and its feature grid over ``grid``'s box (see the module docstring)."""
     if spacing_mm is None:
-        spacing_mm = config.levels()[-1][0] if config.levels() else config.grid_spacing_mm
+        spacing_mm = (config.levels() or [(config.grid_spacing_mm, 0)])[-1][0]
     shape = displacement_shape(np.asarray(grid.GetSize()) * np.asarray(grid.GetSpacing()), spacing_mm)
     return resized_grid(grid, shape), resized_grid(grid, [n * config.feature_pooling for n in shape])
 
@@ -241,11 +241,10 @@ def _neighbour_mean(flow: torch.Tensor) -> torch.Tensor:
 
 
 def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_features: torch.Tensor,
-                       config: InstanceOptimisationConfig, smoothness_weight: float) -> torch.Tensor:
+                       smoothness_weight: float, sweeps: int) -> torch.Tensor:
     """One linearisation of the feature difference about ``flow`` [1, 3, D, H, W], solved with the diffusion
     regulariser by Jacobi sweeps: v <- (A + 6 w I)^-1 (A u + b + 6 w mean_of_neighbours(v)), where A and b are
-    the normal equations of the linearised difference per voxel and w is ``smoothness_weight``; ``config`` gives
-    the sweeps."""
+    the normal equations of the linearised difference per voxel and w is ``smoothness_weight``."""
     warped = warp(moving_features, flow)[0]  # [C, D, H, W]
     gradient = spatial_gradient(warped)
     residual = fixed_features[0].sub(warped)
@@ -259,7 +258,7 @@ def _gauss_newton_step(flow: torch.Tensor, fixed_features: torch.Tensor, moving_
         normal[i, i] += weight
     inverse = _symmetric_inverse(normal)
     solution = flow
-    for _ in range(config.solver_sweeps):
+    for _ in range(sweeps):
         solution = _times(inverse, rhs + weight * _neighbour_mean(solution)[0])[None]
     return solution
 
@@ -321,6 +320,9 @@ def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, 
     with torch.inference_mode():
         first = torch.from_numpy(flow_on_grid(start_flow, start_grid, grids[0][0]))[None].to(device)
         start_folded = folded_percent(first)
+        if not levels:  # no steps: the start, on the displacement grid
+            return OptimisedField(first[0].cpu().numpy(), grids[0][0], start_folded, start_folded, 0,
+                                  config.smoothness_weight)
         limit = math.inf if max_folded_percent is None else max(max_folded_percent, start_folded)
         for attempt in range(FOLDING_RETRIES + 1):
             weight = config.smoothness_weight * 2 ** attempt
@@ -335,10 +337,8 @@ def optimise(start_flow: np.ndarray, start_grid: sitk.Image, fixed: sitk.Image, 
                     features[level] = (_features(fixed, feature_grid, preprocess, config, device),
                                        _features(moving, feature_grid, preprocess, config, device, moving_transform))
                 for _ in range(steps):
-                    flow = _gauss_newton_step(flow, *features[level], config, weight)
+                    flow = _gauss_newton_step(flow, *features[level], weight, config.solver_sweeps)
                     fields.append((flow, level_grid))
-            if not fields:
-                return OptimisedField(first[0].cpu().numpy(), grids[0][0], start_folded, start_folded, 0, weight)
             folded = folded_percent(flow)
             if folded <= limit:
                 return OptimisedField(flow[0].cpu().numpy(), fields[-1][1], folded, start_folded, len(fields), weight)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 OPTIMISED = "instance optimisation"  # the stage's name, after the stage it started from
-MAX_FOLDED_PERCENT = 0.1  # instance optimisation keeps the last step folding no more of its grid (or than its start)
+MAX_FOLDED_PERCENT = 0.1  # instance optimisation's field folds no more of its grid (or than its start): see optimise
 
 
 @dataclass(kw_only=True)
